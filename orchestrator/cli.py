@@ -1,0 +1,136 @@
+"""`videorl` command line: pretrain, eval, bench.
+
+Every subcommand takes `--config PATH` (default configs/tiny.yaml) and trailing
+`key.sub=value` overrides; the config is validated before any work starts. User errors
+(bad config, missing checkpoint, bad input file) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+from orchestrator.config import ConfigError, load_config
+
+
+def _config(args):
+    return load_config(args.config, args.overrides)
+
+
+def cmd_pretrain(args) -> None:
+    from orchestrator.pretraining import ensure_base_model
+
+    cfg = _config(args)
+    path = ensure_base_model(cfg, force=args.force)
+    print(f"base model: {path}")
+
+
+def cmd_eval(args) -> None:
+    from orchestrator.config import base_checkpoint_dir
+    from orchestrator.evaluation import DIMENSIONS, evaluate
+    from orchestrator.media import save_gif
+    from orchestrator.pretraining import CHECKPOINT
+    from orchestrator.tables import format_table, write_json
+    from policy.model import VideoDiT
+
+    cfg = _config(args)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else base_checkpoint_dir(cfg) / CHECKPOINT
+    if not checkpoint.is_file():
+        hint = "" if args.checkpoint else " (run `videorl pretrain` first, or pass --checkpoint)"
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}{hint}")
+    model = VideoDiT.load(checkpoint)
+    samplers = args.sampler or [cfg.eval.sampler]
+    eta = cfg.eval.eta if args.eta is None else args.eta
+    out = Path(args.out)
+    rows, results = [], {}
+    for sampler in samplers:
+        start = time.perf_counter()
+        res = evaluate(model, sampler=sampler, eta=eta if sampler != "ode" else 0.0, steps=cfg.eval.steps,
+                       mode=args.mode or cfg.rollout.mode, seeds_per_prompt=cfg.eval.seeds_per_prompt, seed=cfg.eval.seed)
+        means = res.means()
+        rows.append({"sampler": sampler, "eta": eta if sampler != "ode" else 0.0, **means, "clips": len(res.prompts),
+                     "seconds": round(time.perf_counter() - start, 1)})
+        results[sampler] = {"eta": rows[-1]["eta"], **means, "per_prompt": _per_prompt(res)}
+        save_gif(res.videos[:: cfg.eval.seeds_per_prompt], out / f"samples_{sampler}.gif")
+    print(format_table(rows, ["sampler", "eta", *DIMENSIONS, "clips", "seconds"]))
+    write_json({"checkpoint": str(checkpoint), "mode": args.mode or cfg.rollout.mode, "results": results}, out / "eval.json")
+    print(f"wrote {out / 'eval.json'} and GIF grids in {out}/")
+
+
+def _per_prompt(res) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, list[float]]] = {}
+    for i, p in enumerate(res.prompts):
+        row = table.setdefault(p, {k: [] for k in res.scores})
+        for k, v in res.scores.items():
+            row[k].append(float(v[i]))
+    return {p: {k: sum(v) / len(v) for k, v in row.items()} for p, row in table.items()}
+
+
+def cmd_bench_kvcache(args) -> None:
+    from orchestrator.config import base_checkpoint_dir
+    from orchestrator.pretraining import CHECKPOINT
+    from orchestrator.tables import format_table, write_json
+    from policy.kv_bench import kvcache_benchmark
+    from policy.model import VideoDiT
+
+    cfg = _config(args)
+    checkpoint = base_checkpoint_dir(cfg) / CHECKPOINT
+    model = VideoDiT.load(checkpoint) if checkpoint.is_file() else VideoDiT(cfg.model)  # timing needs no training
+    result = kvcache_benchmark(model, group_size=cfg.rollout.group_size, steps=cfg.rollout.steps)
+    for name, rows in result.items():
+        if isinstance(rows, list) and rows:
+            print(f"\n{name}\n" + format_table(rows))
+    path = write_json(result, Path(args.out) / "bench_kvcache.json")
+    print(f"\nwrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="videorl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", help="YAML config (default configs/tiny.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("pretrain", cmd_pretrain, "pretrain the base (SFT) generator by flow matching, cached per config")
+    p.add_argument("--force", action="store_true", help="retrain even when the cached checkpoint exists")
+
+    p = add("eval", cmd_eval, "sample held-out prompts, print oracle scores, write JSON and a GIF grid")
+    p.add_argument("--checkpoint", help="model.safetensors (default: the cached base model of the config)")
+    p.add_argument("--sampler", action="append", choices=["ode", "flow_grpo", "dance_grpo", "sage", "cps"],
+                   help="sampler (repeat to compare several; default eval.sampler)")
+    p.add_argument("--eta", type=float, help="SDE noise level (default eval.eta)")
+    p.add_argument("--mode", choices=["bidirectional", "causal"], help="attention mode (default rollout.mode)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+
+    bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    p = bsub.add_parser("kvcache", help="rolling KV cache: per-chunk time and cache bytes vs length; shared-prefix groups")
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_kvcache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("VIDEORL_DEBUG"):
+            raise
+        print(f"videorl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Run configuration: YAML validated into typed sections, with `key.sub=value` overrides.
+
+A config is checked completely before any work starts: an unknown key, a value of the
+wrong type or out of range, or settings that contradict each other raise `ConfigError`
+with one line naming the key. Sections that belong to a module are defined next to the
+code that uses them (`policy.model.ModelConfig`, `rewards.world.FlawConfig`) and composed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policy.model import ModelConfig
+from rewards.world import VOCAB, FlawConfig
+
+SAMPLERS = ("ode", "flow_grpo", "dance_grpo", "sage", "cps")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    prompts: str | None = None  # text file, one prompt a line; None = the world's training split
+    sft_clips: int = Field(8192, gt=0)  # imperfect renders the base model is pretrained on
+    flaws: FlawConfig = FlawConfig()
+    seed: int = 0
+
+
+class PretrainConfig(Section):
+    steps: int = Field(3000, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(200, ge=0)
+    ema: float = Field(0.999, ge=0, lt=1)
+    causal_fraction: float = Field(0.5, ge=0, le=1)  # share of batches trained chunk-causally
+    seed: int = 0
+
+
+class RolloutConfig(Section):
+    mode: Literal["bidirectional", "causal"] = "causal"
+    sampler: Literal[SAMPLERS] = "sage"
+    eta: float = Field(0.7, ge=0)
+    steps: int = Field(8, gt=0)
+    shift: float = Field(1.0, gt=0)
+    group_size: int = Field(8, gt=0)
+
+
+class EvalConfig(Section):
+    sampler: Literal[SAMPLERS] = "ode"
+    eta: float = Field(0.0, ge=0)
+    steps: int = Field(16, gt=0)
+    seeds_per_prompt: int = Field(4, gt=0)
+    seed: int = 1234
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig(vocab=VOCAB)
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    eval: EvalConfig = EvalConfig()
+    cache_dir: str | None = None  # None: $VIDEORL_CACHE or ~/.cache/videorl
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.model.vocab != VOCAB:
+            missing = sorted(set(VOCAB) - set(self.model.vocab))
+            if missing:
+                raise ValueError(f"model.vocab lacks the world's words {missing}")
+        return self
+
+
+def default_config_path() -> Path:
+    """configs/tiny.yaml, from the working directory when present (ray job --working-dir), else the package."""
+    local = Path("configs/tiny.yaml")
+    if local.is_file():
+        return local
+    return Path(str(resources.files("configs") / "tiny.yaml"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown config key '{key}'")
+        else:
+            parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML at `path` (default configs/tiny.yaml), apply overrides, validate."""
+    path = Path(path) if path else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    raw.setdefault("model", {}).setdefault("vocab", VOCAB)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {path}: {_format_error(e)}") from None
+
+
+def cache_dir(cfg: Config) -> Path:
+    root = cfg.cache_dir or os.environ.get("VIDEORL_CACHE") or Path.home() / ".cache" / "videorl"
+    return Path(root)
+
+
+def fingerprint(*sections: BaseModel) -> str:
+    """Short stable hash of config sections: the cache key of what they produce."""
+    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def base_checkpoint_dir(cfg: Config) -> Path:
+    """Where `videorl pretrain` puts (and later commands find) the base model for this config."""
+    return cache_dir(cfg) / f"base-{fingerprint(cfg.model, cfg.data, cfg.pretrain)}"
