@@ -1,0 +1,416 @@
+"""VideoReward: a small multi-dimensional video reward model in the style of VideoAlign.
+
+A transformer over space-time patch tokens, conditioned on the prompt through word-embedding
+tokens (compositional: unseen colour/shape/motion combinations are still representable), with ONE
+LEARNABLE QUERY TOKEN PER DIMENSION, each read by its own scalar head (VideoAlign, MATH.md §6).
+Every dimension runs its own sequence through the shared trunk, so a query token never sees another
+dimension's query or input stream:
+
+- VQ (visual quality): each frame is scored alone ([frame patches, q_vq]) and the per-frame scores
+  are pooled with the Astrolabe top-30 % mean (`top_fraction_mean`).
+- MQ (motion quality): [prompt words, GRAYSCALE space-time patches (tubelets), q_mq]. The MQ head sees luma
+  only, so it is exactly invariant to any colour change that keeps BT.601 luma (motion, not colour).
+- TA (text alignment): [prompt words, colour space-time patches (tubelets), q_ta].
+
+Model input: torch float32 [B, T, 3, H, W] in [-1, 1]; output [B, len(dims)] float32 logits
+(unitless; differences are Bradley–Terry logits). `score_videos` takes world videos, numpy
+[N, T, H, W, 3] in [0, 1] (float) or 0..255 (uint8).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rewards.aggregators import to_grayscale, top_fraction_mean
+from rewards import losses
+
+Dimension = Literal["vq", "mq", "ta"]
+
+
+def _world_vocab() -> tuple[str, ...]:
+    from rewards.world import VOCAB  # the embedded world's words
+
+    words = VOCAB.values() if isinstance(VOCAB, dict) else VOCAB
+    flat: list[str] = []
+    for w in words:
+        for word in ([w] if isinstance(w, str) else w):
+            for part in word.split():
+                if part not in flat:
+                    flat.append(part)
+    return tuple(flat)
+
+
+class RewardModelConfig(BaseModel):
+    """Shape of a VideoReward. `vocab` defaults to the embedded world's words."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: int = Field(8, ge=1, description="frames per clip T")
+    size: int = Field(16, ge=2, description="frame height = width in pixels")
+    patch: int = Field(4, ge=1, description="square patch side in pixels")
+    tubelet: int = Field(2, ge=1, description="frames per space-time token in the MQ and TA streams")
+    dim: int = Field(48, ge=4, description="token width")
+    depth: int = Field(2, ge=1, description="transformer blocks")
+    heads: int = Field(4, ge=1, description="attention heads")
+    dims: tuple[Dimension, ...] = Field(("vq", "mq", "ta"), min_length=1, description="output dimensions, in order")
+    vocab: tuple[str, ...] = Field(default_factory=_world_vocab, min_length=1, description="prompt words")
+    max_words: int = Field(8, ge=1, description="prompt length in words (shorter prompts are padded)")
+    vq_fraction: float = Field(0.3, gt=0.0, le=1.0, description="fraction of best frames averaged for VQ")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RewardModelConfig":
+        if self.size % self.patch:
+            raise ValueError(f"size ({self.size}) must be a multiple of patch ({self.patch})")
+        if self.frames % self.tubelet:
+            raise ValueError(f"frames ({self.frames}) must be a multiple of tubelet ({self.tubelet})")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        if len(set(self.dims)) != len(self.dims):
+            raise ValueError(f"dims must not repeat, got {self.dims}")
+        if len(set(self.vocab)) != len(self.vocab) or any(not w or " " in w for w in self.vocab):
+            raise ValueError("vocab must hold distinct single words")
+        return self
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: bidirectional self-attention + MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class VideoReward(nn.Module):
+    """Multi-dimensional video reward model with one query token per dimension (see module doc)."""
+
+    def __init__(self, cfg: RewardModelConfig | None = None):
+        super().__init__()
+        cfg = cfg or RewardModelConfig()
+        self.cfg = cfg
+        d, p = cfg.dim, cfg.patch
+        n_space = (cfg.size // p) ** 2
+        tube = cfg.tubelet
+        self.frame_patch = nn.Linear(3 * p * p, d)  # VQ: one frame per token
+        self.colour_patch = nn.Linear(3 * tube * p * p, d)  # TA: space-time tubelets
+        self.gray_patch = nn.Linear(tube * p * p, d)  # MQ: luma tubelets
+        self.space_pos = nn.Parameter(0.02 * torch.randn(n_space, d))
+        self.time_pos = nn.Parameter(0.02 * torch.randn(cfg.frames // tube, d))
+        self.word_embed = nn.Embedding(len(cfg.vocab) + 1, d)  # index 0 pads short prompts
+        self.word_pos = nn.Parameter(0.02 * torch.randn(cfg.max_words, d))
+        self.queries = nn.Parameter(0.02 * torch.randn(len(cfg.dims), d))  # one per dimension
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d)
+        self.score_heads = nn.ModuleList(nn.Linear(d, 1) for _ in cfg.dims)
+        self._word_index = {w: i + 1 for i, w in enumerate(cfg.vocab)}
+
+    # ---- inputs -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts (str or world `Prompt`) -> word ids [B, max_words] (0 = padding). Unknown words raise ValueError."""
+        ids = torch.zeros(len(prompts), self.cfg.max_words, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            prompt = getattr(prompt, "text", prompt)  # a world `Prompt` or its text
+            words = prompt.lower().split()
+            if len(words) > self.cfg.max_words:
+                raise ValueError(f"prompt {prompt!r} has {len(words)} words, max_words is {self.cfg.max_words}")
+            for j, w in enumerate(words):
+                if w not in self._word_index:
+                    raise ValueError(f"prompt {prompt!r}: word {w!r} is not in the reward model's vocab")
+                ids[i, j] = self._word_index[w]
+        return ids
+
+    def _check(self, video: torch.Tensor, prompts: list[str]) -> None:
+        c = self.cfg
+        expected = ("B", c.frames, 3, c.size, c.size)
+        if not isinstance(video, torch.Tensor) or video.ndim != 5 or tuple(video.shape[1:]) != expected[1:]:
+            got = tuple(video.shape) if hasattr(video, "shape") else type(video).__name__
+            raise ValueError(f"VideoReward: expected video [B, T, C, H, W] = {expected}, got {got}")
+        if isinstance(prompts, str) or len(prompts) != video.shape[0]:
+            raise ValueError(f"VideoReward: expected {video.shape[0]} prompts (one per video), got {prompts!r:.80}")
+        if not torch.isfinite(video).all():
+            raise ValueError("VideoReward: video contains NaN or inf")
+
+    def _patches(self, frames: torch.Tensor, tube: int = 1) -> torch.Tensor:
+        """[B, T, C, H, W] -> [B, T/tube, (H/p)(W/p), tube·C·p·p]: non-overlapping space-time patches."""
+        b, t, ch, h, w = frames.shape
+        p = self.cfg.patch
+        x = frames.reshape(b, t // tube, tube, ch, h // p, p, w // p, p).permute(0, 1, 4, 6, 2, 3, 5, 7)
+        return x.reshape(b, t // tube, (h // p) * (w // p), tube * ch * p * p)
+
+    def _read(self, tokens: torch.Tensor, which: int) -> torch.Tensor:
+        """Append query token `which`, run the trunk, return its head's scalar: [B, L, d] -> [B]."""
+        q = self.queries[which].expand(tokens.shape[0], 1, -1)
+        x = torch.cat([tokens, q], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.score_heads[which](self.norm(x[:, -1])).squeeze(-1)
+
+    # ---- scoring ------------------------------------------------------------------------
+    def forward(self, video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """video [B, T, 3, H, W] float in [-1, 1], prompts list of B str -> scores [B, len(dims)] float32."""
+        self._check(video, prompts)
+        video = video.float()
+        b, t = video.shape[:2]
+        text = self.word_embed(self.tokenize(prompts).to(video.device)) + self.word_pos
+        out = []
+        for i, dim in enumerate(self.cfg.dims):
+            if dim == "vq":  # each frame alone, then Astrolabe top-30 % pooling
+                tok = self.frame_patch(self._patches(video)) + self.space_pos
+                per_frame = self._read(tok.reshape(b * t, -1, self.cfg.dim), i).view(b, t)
+                out.append(top_fraction_mean(per_frame, self.cfg.vq_fraction))
+                continue
+            if dim == "mq":  # luma only: motion, not colour
+                tok = self.gray_patch(self._patches(to_grayscale(video).unsqueeze(2), self.cfg.tubelet))
+            else:  # "ta"
+                tok = self.colour_patch(self._patches(video, self.cfg.tubelet))
+            tok = tok + self.space_pos + self.time_pos[:, None]
+            out.append(self._read(torch.cat([text, tok.reshape(b, -1, self.cfg.dim)], dim=1), i))
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def score_videos(self, videos: np.ndarray, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+        """World videos [N, T, H, W, 3] (float in [0, 1] or uint8) -> scores [N, len(dims)] float32 numpy."""
+        was_training = self.training
+        self.eval()
+        try:
+            parts = [self(to_model_video(videos[i:i + batch_size]).to(self.device), list(prompts[i:i + batch_size]))
+                     for i in range(0, len(videos), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(parts).cpu().numpy() if parts else np.zeros((0, len(self.cfg.dims)), np.float32)
+
+    # ---- persistence --------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `model.safetensors` and `config.json` into `directory`, each atomically (temp + rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        for name, write in [("model.safetensors", lambda f: save_file(tensors, f)),
+                            ("config.json", lambda f: Path(f).write_text(self.cfg.model_dump_json(indent=2)))]:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, directory / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    def load_weights(self, file: str | os.PathLike) -> None:
+        """Load a safetensors file into this model; a missing, extra or mis-shaped tensor is a ValueError."""
+        state = load_file(str(file))
+        own = self.state_dict()
+        missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or extra:
+            raise ValueError(f"{file}: missing tensors {missing}, unexpected tensors {extra}")
+        for name, expected in own.items():  # model order: the first culprit is reported
+            if state[name].shape != expected.shape:
+                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(expected.shape)}")
+        self.load_state_dict(state)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "VideoReward":
+        """Rebuild from `config.json` and load `model.safetensors` (see `save`)."""
+        directory = Path(directory)
+        cfg = RewardModelConfig.model_validate(json.loads((directory / "config.json").read_text()))
+        model = cls(cfg)
+        model.load_weights(directory / "model.safetensors")
+        return model
+
+
+def to_model_video(videos: np.ndarray) -> torch.Tensor:
+    """World layout [N, T, H, W, 3] (uint8 0..255 or float in [0, 1]) -> model layout [N, T, 3, H, W] in [-1, 1]."""
+    videos = np.asarray(videos)
+    if videos.ndim != 5 or videos.shape[-1] != 3:
+        raise ValueError(f"expected videos [N, T, H, W, 3], got {videos.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(videos)).float()
+    x = x / 255.0 if videos.dtype == np.uint8 else x
+    return (2.0 * x - 1.0).permute(0, 1, 4, 2, 3).contiguous()
+
+
+# ---- preference data, training, benchmark ----------------------------------------------------
+
+@dataclass
+class PreferencePairs:
+    """Labelled video pairs. N pairs, D dimensions (the model's `dims`, in order).
+
+    video_a, video_b: [N, T, H, W, 3] uint8 (or float in [0, 1]).
+    prompts: N prompts (one per pair; both videos answer the same prompt).
+    labels: [N, D] int in {+1: a better, -1: b better, 0: tie}.
+    score_a, score_b: [N, D] float absolute scores (needed only for regression).
+    """
+
+    video_a: np.ndarray
+    video_b: np.ndarray
+    prompts: list[str]
+    labels: np.ndarray
+    score_a: np.ndarray | None = None
+    score_b: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.video_a, self.video_b = np.asarray(self.video_a), np.asarray(self.video_b)
+        self.labels = np.asarray(self.labels)
+        self.prompts = list(self.prompts)
+        n = len(self.prompts)
+        if self.video_a.ndim != 5 or self.video_a.shape != self.video_b.shape or len(self.video_a) != n:
+            raise ValueError(f"PreferencePairs: expected video_a and video_b [N={n}, T, H, W, 3], "
+                             f"got {self.video_a.shape} and {self.video_b.shape}")
+        if self.labels.ndim != 2 or len(self.labels) != n:
+            raise ValueError(f"PreferencePairs: expected labels [N={n}, D], got {self.labels.shape}")
+        if not np.isin(self.labels, (-1, 0, 1)).all():
+            raise ValueError("PreferencePairs: labels must be -1, 0 or +1")
+        for name in ("score_a", "score_b"):
+            s = getattr(self, name)
+            if s is not None:
+                s = np.asarray(s, dtype=np.float32)
+                if s.shape != self.labels.shape or not np.isfinite(s).all():
+                    raise ValueError(f"PreferencePairs: expected finite {name} {self.labels.shape}, got {s.shape}")
+                setattr(self, name, s)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, idx) -> "PreferencePairs":
+        idx = np.asarray(idx)
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return PreferencePairs(self.video_a[idx], self.video_b[idx], [self.prompts[i] for i in idx],
+                               self.labels[idx], pick(self.score_a), pick(self.score_b))
+
+
+def _as_pairs(pairs) -> PreferencePairs:
+    if isinstance(pairs, PreferencePairs):
+        return pairs
+    names = {f.name for f in fields(PreferencePairs)}
+    return PreferencePairs(**{k: v for k, v in dict(pairs).items() if k in names})
+
+
+def _pair_deltas(model: VideoReward, pairs: PreferencePairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of a and b for the pairs in one forward: ([N, D], [N, D])."""
+    n = len(pairs)
+    video = torch.cat([to_model_video(pairs.video_a), to_model_video(pairs.video_b)]).to(model.device)
+    scores = model(video, pairs.prompts + pairs.prompts)
+    return scores[:n], scores[n:]
+
+
+def preference_loss(model: VideoReward, pairs: PreferencePairs,
+                    loss: Literal["regression", "bt", "btt"], k: float = 5.0) -> torch.Tensor:
+    """Mean loss over the (pair, dimension) entries a loss uses (MATH.md §6).
+
+    bt: non-tie entries only, -log σ(r_pref - r_other); btt: all entries, Rao–Kupper ties (k);
+    regression: MSE of both videos' predicted scores against score_a / score_b.
+    """
+    r_a, r_b = _pair_deltas(model, pairs)
+    if loss == "regression":
+        if pairs.score_a is None or pairs.score_b is None:
+            raise ValueError("regression loss needs score_a and score_b in the pairs")
+        target = torch.from_numpy(np.concatenate([pairs.score_a, pairs.score_b])).to(r_a.device)
+        return losses.regression_loss(torch.cat([r_a, r_b]), target).mean()
+    labels = torch.from_numpy(pairs.labels.astype(np.float32)).to(r_a.device)
+    # orient every entry so that Δ = r_preferred - r_other (a tie keeps r_a - r_b)
+    delta = torch.where(labels < 0, r_b - r_a, r_a - r_b).reshape(-1)
+    tie = (labels == 0).reshape(-1)
+    if loss == "bt":
+        return losses.bt_loss(delta[~tie]).mean() if (~tie).any() else delta.sum() * 0.0
+    if loss == "btt":
+        return losses.btt_loss(delta, tie, k).mean()
+    raise ValueError(f"loss must be 'regression', 'bt' or 'btt', got {loss!r}")
+
+
+def train_reward_model(model: VideoReward, pairs, loss: Literal["regression", "bt", "btt"] = "btt",
+                       steps: int = 200, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                       progress: bool = True) -> list[float]:
+    """Train `model` in place with AdamW on random mini-batches of pairs (`seed` draws the batches);
+    returns the loss per step. `pairs` is a `PreferencePairs` or a dict of its fields."""
+    pairs = _as_pairs(pairs)
+    if pairs.labels.shape[1] != len(model.cfg.dims):
+        raise ValueError(f"labels have {pairs.labels.shape[1]} dimensions, the model scores {model.cfg.dims}")
+    if loss not in ("regression", "bt", "btt"):
+        raise ValueError(f"loss must be 'regression', 'bt' or 'btt', got {loss!r}")
+    if steps < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}")
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    model.train()
+    history = []
+    bar = tqdm(range(steps), desc=f"reward model ({loss})", disable=not progress, unit="step")
+    for _ in bar:
+        idx = rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False)
+        value = preference_loss(model, pairs.subset(idx), loss)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        history.append(value.item())
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    return history
+
+
+def preference_accuracy(delta: np.ndarray, labels: np.ndarray, with_ties: bool,
+                        tie_threshold: float) -> tuple[np.ndarray, float]:
+    """Per-dimension accuracy [D] and pooled overall accuracy of reward differences against labels.
+
+    delta, labels: [N, D]; delta = r_a - r_b, labels in {+1, -1, 0}.
+    with_ties=False: only non-tie entries count; right when sign(Δ) equals the label (Δ = 0 is wrong).
+    with_ties=True: every entry counts; the prediction is a tie when |Δ| < tie_threshold, else sign(Δ).
+    A dimension (or the whole set) with nothing to count gives NaN.
+    """
+    delta, labels = np.asarray(delta, dtype=np.float64), np.asarray(labels)
+    if delta.ndim != 2 or labels.shape != delta.shape:
+        raise ValueError(f"expected delta and labels [N, D], got {delta.shape} and {labels.shape}")
+    if with_ties:
+        pred = np.where(np.abs(delta) < tie_threshold, 0, np.sign(delta))
+        counted = np.ones(labels.shape, dtype=bool)
+    else:
+        pred, counted = np.sign(delta), labels != 0
+    right = ((pred == labels) & counted).sum(axis=0).astype(np.float64)
+    n = counted.sum(axis=0)
+    per_dim = np.where(n > 0, right / np.maximum(n, 1), np.nan)
+    overall = float(right.sum() / n.sum()) if n.sum() else math.nan
+    return per_dim, overall
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: VideoReward, pairs, with_ties: bool = False,
+                      tie_threshold: float = losses.tie_threshold(5.0), batch_size: int = 128) -> dict[str, float]:
+    """VideoAlign reward benchmark: {dim: accuracy, ..., "overall": accuracy pooled over all counted entries}.
+
+    See `preference_accuracy` for what counts as right with and without ties. The default threshold
+    is where the Rao–Kupper model (k = 5) stops predicting a tie (`losses.tie_threshold`).
+    """
+    pairs = _as_pairs(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        deltas = [torch.sub(*_pair_deltas(model, pairs.subset(np.arange(i, min(i + batch_size, len(pairs))))))
+                  for i in range(0, len(pairs), batch_size)]
+    finally:
+        model.train(was_training)
+    per_dim, overall = preference_accuracy(torch.cat(deltas).cpu().numpy(), pairs.labels, with_ties, tie_threshold)
+    result = {dim: float(a) for dim, a in zip(model.cfg.dims, per_dim)}
+    result["overall"] = overall
+    return result
