@@ -1,0 +1,232 @@
+"""Rollouts of a VideoDiT with exact per-step log-probs, and their recomputation for the learner.
+
+Every step is `policy.sde.sde_step` (MATH.md §1): x' ~ N(mean, std^2), log-prob averaged over the
+non-batch elements. Two generation modes:
+- bidirectional: the whole clip is denoised together (one "chunk").
+- causal: chunk by chunk with the rolling KV cache (MATH.md §7); each chunk runs its own K steps,
+  then its clean result is appended to the cache. Group rollouts generate the first `prefix_chunks`
+  once per prompt, freeze that cache and broadcast it (no copy) to G candidates (Astrolabe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from policy.kv_cache import RollingKVCache
+from policy.model import VideoDiT
+from policy.sde import SDE_TYPES, sde_step, sigma_schedule
+
+
+@dataclass
+class Trajectory:
+    """A batch of rollouts, B = P*G ordered prompt-major (candidate g of prompt p is row p*G + g).
+
+    latents: [B, K+1, T, C, H, W] x at each sigma level; in causal mode chunk j's own K steps are stored
+        at chunk j's frames (so latents[:, k] holds every chunk at level k).
+    log_probs: [B, n_chunks, K] float32 behaviour log-prob of each step of each chunk (0 for deterministic steps).
+    sigmas: [K+1] from 1 to 0.
+    videos: [B, T, C, H, W] the clean output (= latents[:, K]).
+    prefix_chunks: leading chunks generated once per prompt and shared by the group (history, not trained).
+    group_size: G.
+    mode, sde_type, eta: how it was sampled.
+    """
+
+    latents: Tensor
+    log_probs: Tensor
+    sigmas: Tensor
+    videos: Tensor
+    prefix_chunks: int
+    group_size: int
+    mode: str = "bidirectional"
+    sde_type: str = "ode"
+    eta: float = 0.0
+
+
+class RecomputedSteps(NamedTuple):
+    """Output of `recompute_log_probs` for S requested steps of the n trained chunks (those after the prefix).
+
+    log_probs: [B, n, S] float32, with the current weights (differentiable).
+    means: [B, S, T', C, H, W] the steps' Gaussian means at the trained frames T' = T - prefix frames.
+    std: [B, S] the steps' standard deviation (the same for every chunk).
+    """
+
+    log_probs: Tensor
+    means: Tensor
+    std: Tensor
+
+
+def _check_common(model: VideoDiT, prompt_ids: Tensor, sde_type: str, eta: float) -> None:
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"unknown sde_type {sde_type!r}; choose one of {list(SDE_TYPES)}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be [P, L], got shape {list(prompt_ids.shape)}")
+
+
+@torch.no_grad()
+def sample(
+    model: VideoDiT,
+    prompt_ids: Tensor,
+    *,
+    steps: int,
+    sde_type: str = "ode",
+    eta: float = 0.0,
+    mode: Literal["bidirectional", "causal"] = "bidirectional",
+    num_frames: int | None = None,
+    group_size: int = 1,
+    prefix_chunks: int = 0,
+    generator: torch.Generator | None = None,
+    shift: float = 1.0,
+    noise: Tensor | None = None,
+    on_chunk: Callable[[int, RollingKVCache], None] | None = None,
+) -> Trajectory:
+    """Generate G = group_size clips per prompt (prompt_ids [P, L]) with `steps` sampler steps.
+
+    num_frames: clip length (default cfg.frames); causal mode may exceed it (positions keep growing,
+        the cache stays bounded by the window).
+    noise: optional standard normal [B, K+1, T, C, H, W]: [:, 0] the initial latent, [:, k+1] the noise of
+        step k (drawn with `generator` when None). Shared-prefix frames use the noise of each prompt's
+        first candidate (rows p*G).
+    on_chunk(j, cache): called in causal mode before chunk j is denoised (inspection, benchmarks).
+    """
+    cfg = model.cfg
+    _check_common(model, prompt_ids, sde_type, eta)
+    if mode not in ("bidirectional", "causal"):
+        raise ValueError(f"mode must be 'bidirectional' or 'causal', got {mode!r}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    t = cfg.frames if num_frames is None else num_frames
+    c = cfg.chunk if mode == "causal" else t
+    if t < 1 or t % c:
+        raise ValueError(f"num_frames must be a positive multiple of chunk={c}, got {t}")
+    if mode == "bidirectional" and t > cfg.frames:
+        raise ValueError(f"bidirectional clips have at most cfg.frames={cfg.frames} frames, got {t}; use mode='causal'")
+    n_chunks = t // c
+    if not 0 <= prefix_chunks < n_chunks:
+        raise ValueError(f"prefix_chunks must be in [0, {n_chunks - 1}] (n_chunks={n_chunks}), got {prefix_chunks}")
+
+    p, g = prompt_ids.shape[0], group_size
+    b = p * g
+    sigmas = sigma_schedule(steps, shift)
+    shape = (b, steps + 1, t, cfg.channels, cfg.size, cfg.size)
+    device = model.pos_embed.device
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must be [B, K+1, T, C, H, W] = {list(shape)}, got {list(noise.shape)}")
+    ids = prompt_ids.repeat_interleave(g, dim=0)
+    latents = torch.empty(shape, device=device)
+    log_probs = torch.zeros(b, n_chunks, steps, device=device)
+
+    cache = model.new_cache()
+    rows = slice(0, b, g) if prefix_chunks else slice(None)  # prefix: one row per prompt
+    cur_ids = ids[rows]
+    for j in range(n_chunks):
+        if prefix_chunks and j == prefix_chunks:  # freeze the shared history and broadcast it to G candidates
+            cache = cache.detach().expand(g)
+            latents[:, :, : j * c] = latents[rows, :, : j * c].repeat_interleave(g, dim=0)
+            log_probs[:, :j] = log_probs[rows, :j].repeat_interleave(g, dim=0)
+            rows, cur_ids = slice(None), ids
+        if on_chunk is not None and mode == "causal":
+            on_chunk(j, cache)
+        frames = slice(j * c, (j + 1) * c)
+        x = noise[rows, 0, frames]
+        latents[rows, 0, frames] = x
+        for k in range(steps):
+            s = sigmas[k].expand(x.shape[0])
+            if mode == "causal":
+                v = model.velocity_chunk(x, s, cur_ids, cache, j * c)
+            else:
+                v = model.velocity(x, s, cur_ids)
+            step = sde_step(
+                sde_type, x, v, float(sigmas[k]), float(sigmas[k + 1]), eta, noise=noise[rows, k + 1, frames]
+            )
+            x = step.sample
+            latents[rows, k + 1, frames] = x
+            log_probs[rows, j, k] = step.log_prob
+        if mode == "causal" and j + 1 < n_chunks:  # the last chunk is nobody's history
+            model.append_to_cache(x, cur_ids, cache, j * c)
+    return Trajectory(
+        latents=latents,
+        log_probs=log_probs,
+        sigmas=sigmas,
+        videos=latents[:, steps],
+        prefix_chunks=prefix_chunks,
+        group_size=g,
+        mode=mode,
+        sde_type=sde_type,
+        eta=eta,
+    )
+
+
+def recompute_log_probs(
+    model: VideoDiT,
+    traj: Trajectory,
+    prompt_ids: Tensor,
+    chunk_steps: Sequence[int],
+    sde_type: str,
+    eta: float,
+    detach_history: bool = True,
+) -> RecomputedSteps:
+    """Log-probs (with grad, current weights) of the recorded transitions latents[:, k] -> latents[:, k+1].
+
+    chunk_steps: step indices k in [0, K) to evaluate, the same for every trained chunk (chunks after the prefix).
+    prompt_ids: [P, L] (repeated G times) or [B, L].
+    Bidirectional: `velocity` on latents[:, k]. Causal: one `velocity_causal` pass per step with latents[:, k]
+    as the noisy frames and the recorded clean video as history (detached from the graph; with
+    detach_history no gradient flows through the history's keys/values either).
+    """
+    _check_common(model, prompt_ids, sde_type, eta)
+    b, k_plus_1, t = traj.latents.shape[:3]
+    n_steps = k_plus_1 - 1
+    ks = [int(k) for k in chunk_steps]
+    if not ks or any(not 0 <= k < n_steps for k in ks):
+        raise ValueError(f"chunk_steps must be a non-empty list of steps in [0, {n_steps}), got {list(chunk_steps)}")
+    if prompt_ids.shape[0] * traj.group_size == b and traj.group_size > 1:
+        prompt_ids = prompt_ids.repeat_interleave(traj.group_size, dim=0)
+    if prompt_ids.shape[0] != b:
+        raise ValueError(f"prompt_ids must have P={b // traj.group_size} or B={b} rows, got {prompt_ids.shape[0]}")
+    n_chunks = traj.log_probs.shape[1]
+    c = t // n_chunks
+    s_count = len(ks)
+    sig = traj.sigmas[ks].to(traj.latents.device)  # [S]
+    x = traj.latents[:, ks].detach().flatten(0, 1)  # [B*S, T, C, H, W], sample-major
+    ids = prompt_ids.repeat_interleave(s_count, dim=0)
+    sig_bs = sig.repeat(b)
+    if traj.mode == "causal":
+        clean = traj.videos.detach().repeat_interleave(s_count, dim=0)
+        v = model.velocity_causal(x, sig_bs, clean, ids, detach_history=detach_history)
+    else:
+        v = model.velocity(x, sig_bs, ids)
+    v = v.view(b, s_count, *v.shape[1:])
+
+    first = traj.prefix_chunks
+    std = torch.zeros(b, s_count, device=v.device)
+    lp_cols, mean_cols = [], []
+    for i, k in enumerate(ks):
+        lp_row, mean_row = [], []
+        for j in range(first, n_chunks):
+            fr = slice(j * c, (j + 1) * c)
+            step = sde_step(
+                sde_type,
+                traj.latents[:, k, fr],
+                v[:, i, fr],
+                float(traj.sigmas[k]),
+                float(traj.sigmas[k + 1]),
+                eta,
+                sample=traj.latents[:, k + 1, fr],
+            )
+            lp_row.append(step.log_prob)
+            mean_row.append(step.mean)
+        std[:, i] = step.std
+        lp_cols.append(torch.stack(lp_row, dim=1))  # [B, n]
+        mean_cols.append(torch.cat(mean_row, dim=1))  # [B, T', ...]
+    log_probs = torch.stack(lp_cols, dim=2)
+    means = torch.stack(mean_cols, dim=1)
+    return RecomputedSteps(log_probs=log_probs, means=means, std=std)
