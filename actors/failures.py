@@ -1,0 +1,7 @@
+"""The infrastructure side of the failure taxonomy (the data side is rewards.errors.DataError)."""
+
+from __future__ import annotations
+
+
+class InfraError(RuntimeError):
+    """An actor, node or device failed; the same work may succeed elsewhere, so it is retried."""

@@ -1,0 +1,60 @@
+"""Reward actors: one Ray actor per reward-model replica (one per GPU when GPUs exist).
+
+The actor is a thin shell around `rewards.scorer.RewardScorer`: it fetches a batch by
+object-store reference, scores it, and sorts failures before they cross the Ray boundary:
+`DataError` (a bad sample, named) passes through unchanged, anything else becomes
+`InfraError` so the pool retries the batch on another replica.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import ray
+
+from actors.failures import InfraError
+from rewards.errors import DataError
+from rewards.scorer import RewardScorer
+
+
+class RewardWorker:
+    def __init__(self, name: str, kind: str, checkpoint: str | None = None, delay_s: float = 0.0):
+        self.name = name
+        self.scorer = RewardScorer(kind, checkpoint)
+        self.delay_s = delay_s  # simulated device time per batch (benchmarks, tests)
+        self.batches = 0
+
+    def dims(self) -> tuple[str, ...]:
+        return self.scorer.dims
+
+    def score(self, batch: dict) -> np.ndarray:
+        """batch: {"ids": [N] str, "videos": uint8 [N, T, H, W, 3], "prompts": [N] str} -> float32 [N, D]."""
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            scores = self.scorer.score(batch["videos"], batch["prompts"], batch["ids"])
+        except DataError:
+            raise
+        except Exception as e:  # anything not about the data is the machine's fault: retry elsewhere
+            raise InfraError(f"{self.name}: {type(e).__name__}: {e}") from e
+        self.batches += 1
+        return scores
+
+    def ping(self) -> str:
+        return self.name
+
+    def stats(self) -> dict:
+        """{"name", "pid", "batches": batches scored by this process}; a restart starts a new process at 0."""
+        return {"name": self.name, "pid": os.getpid(), "batches": self.batches}
+
+
+def reward_actor(name: str, kind: str, checkpoint: str | None = None, *, num_cpus: float = 0.25,
+                 num_gpus: float = 0.0, delay_s: float = 0.0):
+    """Start one named reward replica; Ray restarts it if it dies (the pool retries its work)."""
+    cls = ray.remote(RewardWorker).options(
+        name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
+        lifetime=None,
+    )
+    return cls.remote(name, kind, checkpoint, delay_s)
