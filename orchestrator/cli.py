@@ -18,7 +18,11 @@ from orchestrator.config import ConfigError, load_config
 
 
 def _config(args):
-    return load_config(args.config, args.overrides)
+    import torch
+
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(cfg.threads)
+    return cfg
 
 
 def cmd_pretrain(args) -> None:

@@ -73,6 +73,7 @@ class Config(Section):
     rollout: RolloutConfig = RolloutConfig()
     eval: EvalConfig = EvalConfig()
     cache_dir: str | None = None  # None: $VIDEORL_CACHE or ~/.cache/videorl
+    threads: int = Field(1, ge=1)  # torch threads per process; more oversubscribes small CPU ops
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -1,0 +1,82 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, base_checkpoint_dir, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def videorl(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_default_config_is_tiny_yaml():
+    cfg = load_config()
+    assert cfg.model.frames >= 8 and cfg.model.size >= 16
+    assert cfg.rollout.group_size > 1
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["rollout.group_size=4", "rollout.sampler=cps", "data.flaws.p_noise=0.5"])
+    assert cfg.rollout.group_size == 4
+    assert cfg.rollout.sampler == "cps"
+    assert cfg.data.flaws.p_noise == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("rollout.group_sizee=3", "unknown config key 'rollout.group_sizee'"),
+        ("bogus.x=1", "unknown config key 'bogus'"),
+        ("rollout.group_size=-2", "rollout.group_size"),
+        ("rollout.sampler=euler", "rollout.sampler"),
+        ("pretrain.steps=many", "pretrain.steps"),
+        ("model.patch=5", "patch"),
+    ],
+)
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["rollout.group_size"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cache_key_follows_what_shapes_the_base_model():
+    a, b = load_config(), load_config(None, ["eval.steps=3"])
+    c = load_config(None, ["pretrain.steps=7"])
+    assert base_checkpoint_dir(a) == base_checkpoint_dir(b)  # eval settings do not retrain
+    assert base_checkpoint_dir(a) != base_checkpoint_dir(c)
+
+
+def test_cli_help_lists_subcommands():
+    out = videorl("--help")
+    assert out.returncode == 0
+    for name in ("pretrain", "eval", "bench"):
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pretrain", "rollout.group_sizee=3"], "unknown config key 'rollout.group_sizee'"),
+        (["pretrain", "rollout.group_size=-1"], "rollout.group_size"),
+        (["eval", "--checkpoint", "/nonexistent/model.safetensors"], "checkpoint not found: /nonexistent/model.safetensors"),
+    ],
+)
+def test_cli_user_errors_exit_nonzero_with_one_line(args, message):
+    out = videorl(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
