@@ -74,6 +74,47 @@ def _per_prompt(res) -> dict[str, dict[str, float]]:
     return {p: {k: sum(v) / len(v) for k, v in row.items()} for p, row in table.items()}
 
 
+def cmd_train(args) -> None:
+    from orchestrator.tables import format_table
+    from orchestrator.train import run_training
+
+    cfg = _config(args)
+    run_dir = Path(args.resume or cfg.train.run_dir)
+    if args.resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory not found: {run_dir}")
+        from orchestrator.config import load_config
+
+        cfg = load_config(run_dir / "config.yaml", args.overrides)  # the run's own config, plus overrides
+    summary = run_training(cfg, run_dir, resume=bool(args.resume), address=args.address)
+    o = summary["oracle"]
+    rows = [{"policy": k, **o[k]} for k in ("before", "after")]
+    rows.append({"policy": "change", **{d: o["after"][d] - o["before"][d] for d in o["after"]}})
+    print("held-out oracle\n" + format_table(rows, ["policy", "vq", "mq", "ta", "overall"]))
+    cons = [{"constraint": c, **v} for c, v in summary["constraints"].items()]
+    if cons:
+        print("\nconstraints\n" + format_table(cons, ["constraint", "tau", "final", "satisfied"]))
+    print(f"\nledger: {summary['ledger']}")
+    print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
+
+
+def cmd_calibrate(args) -> None:
+    from orchestrator.inputs import ensure_calibration, reward_checkpoints
+    from orchestrator.pretraining import ensure_base_model
+    from orchestrator.tables import format_table
+    from rewards.calibration import read_calibration
+
+    cfg = _config(args)
+    base = ensure_base_model(cfg)
+    out = Path(args.out) if args.out else None
+    path = ensure_calibration(cfg, base, reward_checkpoints(cfg, base), force=True, seed=args.seed, out=out)
+    cal = read_calibration(path)
+    rows = [{"profile": name, "constraint": c, **{k: v[k] for k in ("k", "mu", "sigma", "tau")}}
+            for name, prof in cal["profiles"].items() for c, v in prof["constraints"].items()]
+    print(format_table(rows, ["profile", "constraint", "k", "mu", "sigma", "tau"]))
+    print(f"wrote {path}")
+
+
 def cmd_bench_kvcache(args) -> None:
     from orchestrator.config import base_checkpoint_dir
     from orchestrator.pretraining import CHECKPOINT
@@ -113,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="SDE noise level (default eval.eta)")
     p.add_argument("--mode", choices=["bidirectional", "causal"], help="attention mode (default rollout.mode)")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+
+    p = add("train", cmd_train, "RL post-training on a Ray cluster (default: configs/tiny.yaml on a local cluster)")
+    p.add_argument("--address", help="Ray cluster address (default: ray.address, $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest good checkpoint")
+
+    p = add("calibrate", cmd_calibrate, "SCRL thresholds: score base-model samples, write tau = mu + k sigma per profile")
+    p.add_argument("--seed", type=int, help="sampling seed (default rewards.calibration.seed)")
+    p.add_argument("--out", help="JSON path (default: the cached calibration of the config)")
 
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

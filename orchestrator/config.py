@@ -18,7 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from policy.learner import LearnerConfig
 from policy.model import ModelConfig
+from rewards.constraints import ConstraintsConfig
+from rewards.preference import PreferenceDataConfig
 from rewards.world import VOCAB, FlawConfig
 
 SAMPLERS = ("ode", "flow_grpo", "dance_grpo", "sage", "cps")
@@ -58,6 +61,57 @@ class RolloutConfig(Section):
     group_size: int = Field(8, gt=0)
 
 
+class RewardModelSpec(Section):
+    """One reward model served by its own pool of actors (one replica per GPU on a cluster)."""
+
+    kind: Literal["videoreward", "feedback", "oracle"]
+    prefix: str = ""  # reward names are prefix + dimension (the oracle monitors as oracle_vq, ...)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.2, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    checkpoint: str | None = None  # None: trained by videorl and cached
+    delay_s: float = Field(0.0, ge=0)  # simulated device time per batch (benchmarks)
+
+
+def _default_reward_models() -> dict[str, RewardModelSpec]:
+    return {
+        "videoreward": RewardModelSpec(kind="videoreward"),
+        "feedback": RewardModelSpec(kind="feedback"),
+        "oracle": RewardModelSpec(kind="oracle", prefix="oracle_", num_cpus=0.1),  # monitoring only
+    }
+
+
+class CalibrationConfig(Section):
+    samples_per_prompt: int = Field(20, gt=0)  # 24 held-out prompts x 20 = 480 clips: τ moves < 0.1σ across seeds
+    seed: int = 0
+
+
+class RewardsConfig(Section):
+    models: dict[str, RewardModelSpec] = Field(default_factory=_default_reward_models)
+    profile: str = "video_generation"  # configs/profiles/<name>.yaml or a path: primary reward and constraints
+    preference: PreferenceDataConfig = PreferenceDataConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+class TrainConfig(Section):
+    steps: int = Field(60, gt=0)
+    groups_per_step: int = Field(4, gt=0)  # prompts per learner step; each brings rollout.group_size clips
+    max_staleness: int = Field(1, ge=0)
+    checkpoint_every: int = Field(10, gt=0)
+    seed: int = 0
+    run_dir: str = "runs/tiny"
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: $RAY_ADDRESS, else a local cluster
+    rollout_workers: int = Field(2, ge=1)
+    rollout_cpus: float = Field(0.5, gt=0)
+    rollout_gpus: float = Field(0.0, ge=0)
+    learner_cpus: float = Field(0.5, gt=0)
+    learner_gpus: float = Field(0.0, ge=0)
+    num_cpus: int | None = None  # local cluster size (None: all cores)
+
+
 class EvalConfig(Section):
     sampler: Literal[SAMPLERS] = "ode"
     eta: float = Field(0.0, ge=0)
@@ -71,6 +125,11 @@ class Config(Section):
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    constraints: ConstraintsConfig = ConstraintsConfig()
+    learner: LearnerConfig = LearnerConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
     cache_dir: str | None = None  # None: $VIDEORL_CACHE or ~/.cache/videorl
     threads: int = Field(1, ge=1)  # torch threads per process; more oversubscribes small CPU ops
@@ -81,6 +140,10 @@ class Config(Section):
             missing = sorted(set(VOCAB) - set(self.model.vocab))
             if missing:
                 raise ValueError(f"model.vocab lacks the world's words {missing}")
+        if self.rollout.group_size < 2 and self.learner.advantage in ("grpo", "gdpo"):
+            raise ValueError(f"rollout.group_size={self.rollout.group_size}: {self.learner.advantage} needs groups of at least 2")
+        if self.learner.loss == "ppo" and self.rollout.sampler == "ode":
+            raise ValueError("learner.loss=ppo needs a stochastic rollout.sampler (ode steps have no log-probability)")
         return self
 
 
@@ -113,11 +176,14 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
 def _format_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{key}'")
+        elif isinstance(e.get("input"), dict) or not key:  # a whole section: the message names the keys
+            parts.append(f"{key + ': ' if key else ''}{msg}")
         else:
-            parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            parts.append(f"{key}: {msg} (got {e.get('input')!r})")
     return "; ".join(parts)
 
 

@@ -1,0 +1,64 @@
+"""Starting the run's actors on a Ray cluster: roles are data, placement is config (OpenRLHF, verl).
+
+Names are readable in the dashboard: rollout-<i>, reward-<model>-<i>, learner, constraint-controller.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+from actors.controller import controller_actor
+from actors.learner import learner_actor
+from actors.reward import reward_actor
+from actors.rollout import rollout_actor
+from orchestrator.config import Config
+from orchestrator.reward_pool import RewardPool
+
+
+def connect(cfg: Config, address: str | None = None) -> None:
+    """Join the cluster at --address / ray.address / $RAY_ADDRESS, or start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+@dataclass
+class RunActors:
+    rollouts: list
+    pools: dict[str, RewardPool]
+    reward_names: dict[str, list[str]]  # pool -> reward names, in score-column order
+    learner: object
+    controller: object
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()
+        for handle in [*self.rollouts, self.learner, self.controller]:
+            ray.kill(handle, no_restart=True)
+
+
+def start_actors(cfg: Config, base_checkpoint: str, reward_checkpoints: dict[str, str | None],
+                 reward_dims: dict[str, tuple[str, ...]], taus: dict[str, float]) -> RunActors:
+    model_cfg = cfg.model.model_dump(mode="json")
+    r = cfg.rollout
+    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size)
+    rollouts = [rollout_actor(i, model_cfg, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus, num_gpus=cfg.ray.rollout_gpus)
+                for i in range(cfg.ray.rollout_workers)]
+    pools, names = {}, {}
+    for name, spec in cfg.rewards.models.items():
+        def spawn(actor_name, spec=spec, ckpt=reward_checkpoints.get(name)):
+            return reward_actor(actor_name, spec.kind, ckpt, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+                                delay_s=spec.delay_s)
+        pools[name] = RewardPool(name, spawn, spec.replicas)
+        names[name] = [spec.prefix + d for d in reward_dims[name]]
+    learner = learner_actor(model_cfg, base_checkpoint, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
+                            num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
+    controller = controller_actor(cfg.constraints.model_dump(), taus)
+    return RunActors(rollouts, pools, names, learner, controller)

@@ -1,0 +1,105 @@
+"""What a training run needs before its first step, each made once per config and cached:
+the base model, preference data, the reward models, and the SCRL calibration of the profile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.calibrate import calibrate_base_model
+from orchestrator.config import Config, cache_dir, fingerprint
+from orchestrator.pretraining import ensure_base_model
+from orchestrator.prompts import load_prompt_file
+from rewards.calibration import load_profile, profile_taus, read_calibration
+from rewards.scorer import RewardScorer
+from rewards.world import Prompt, train_prompts
+
+
+@dataclass
+class Inputs:
+    base: Path
+    reward_checkpoints: dict[str, str | None]  # reward model name -> checkpoint
+    reward_dims: dict[str, tuple[str, ...]]  # reward model name -> its score dimensions
+    primary: str
+    taus: dict[str, float]
+    prompts: list[str]
+    calibration: Path
+
+
+def training_prompts(cfg: Config) -> list[str]:
+    if cfg.data.prompts is None:
+        return [p.text for p in train_prompts()]
+    return load_prompt_file(cfg.data.prompts, validate=Prompt.parse)
+
+
+def reward_checkpoints(cfg: Config, base: Path, progress: bool = True) -> dict[str, str | None]:
+    """Checkpoint per reward model: the configured one, else trained (cached) here."""
+    cache = cache_dir(cfg)
+    out: dict[str, str | None] = {}
+    for name, spec in cfg.rewards.models.items():
+        if spec.checkpoint or spec.kind == "oracle":
+            out[name] = spec.checkpoint
+            continue
+        from orchestrator.reward_training import ensure_engagement_model, ensure_preference_data, ensure_reward_model
+
+        if spec.kind == "videoreward":
+            data = ensure_preference_data(cfg.rewards.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps)
+            out[name] = str(ensure_reward_model(cfg.rewards.reward_model, data, cache, progress=progress))
+        else:
+            out[name] = str(ensure_engagement_model(cfg.rewards.engagement, base, cache, progress=progress)[0])
+    return out
+
+
+def scorers(cfg: Config, checkpoints: dict[str, str | None]) -> dict[str, RewardScorer]:
+    shape = (cfg.model.frames, cfg.model.size, cfg.model.size, cfg.model.channels)
+    return {name: RewardScorer(spec.kind, checkpoints[name], shape) for name, spec in cfg.rewards.models.items()}
+
+
+def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
+    """{reward name: [N]} from every reward model, in-process (calibration, evaluation)."""
+    ids = [f"clip-{i}" for i in range(len(prompts))]
+    out = {}
+    for name, scorer in models.items():
+        scores = scorer.score(videos, prompts, ids)
+        for i, dim in enumerate(scorer.dims):
+            out[cfg.rewards.models[name].prefix + dim] = scores[:, i]
+    return out
+
+
+def calibration_path(cfg: Config) -> Path:
+    r = cfg.rollout
+    key = fingerprint(cfg.model, cfg.data, cfg.pretrain, cfg.rewards, r)
+    return cache_dir(cfg) / f"calibration-{key}.json"
+
+
+def ensure_calibration(cfg: Config, base: Path, checkpoints: dict[str, str | None], force: bool = False,
+                       seed: int | None = None, out: Path | None = None) -> Path:
+    """τ for every shipped profile (and the configured one), measured on the base model's rollouts."""
+    path = out or calibration_path(cfg)
+    if path.is_file() and not force:
+        return path
+    from rewards.calibration import available_profiles
+
+    models = scorers(cfg, checkpoints)
+    rewards = {cfg.rewards.models[n].prefix + d for n, m in models.items() for d in m.dims}
+    profiles = [load_profile(cfg.rewards.profile)]
+    profiles += [p for p in map(load_profile, available_profiles())  # every shipped profile these rewards can serve
+                 if p.name != profiles[0].name and {p.primary, *p.constraints} <= rewards]
+    c, r = cfg.rewards.calibration, cfg.rollout
+    calibrate_base_model(base, lambda v, p: score_all(cfg, models, v, p), profiles,
+                         samples_per_prompt=c.samples_per_prompt, seed=c.seed if seed is None else seed,
+                         sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode, out_path=path)
+    return path
+
+
+def prepare(cfg: Config, progress: bool = True) -> Inputs:
+    prompts = training_prompts(cfg)  # a bad prompt file fails here, before any training
+    base = ensure_base_model(cfg, progress=progress)
+    checkpoints = reward_checkpoints(cfg, base, progress)
+    dims = {name: s.dims for name, s in scorers(cfg, checkpoints).items()}
+    profile = load_profile(cfg.rewards.profile)
+    cal = ensure_calibration(cfg, base, checkpoints)
+    taus = profile_taus(read_calibration(cal), profile.name)
+    return Inputs(base, checkpoints, dims, profile.primary, taus, prompts, cal)

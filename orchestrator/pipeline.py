@@ -1,0 +1,194 @@
+"""The streaming pipeline: rollout actors -> reward pools -> a ready queue, all by object reference.
+
+Guarantees:
+- bounded: rollouts start only within the staleness capacity (AReaL), so the reward and ready
+  queues hold at most (max_staleness + 1) * groups_per_step groups; a slow learner stalls
+  rollout instead of growing queues;
+- a group made by version k is handed to the learner only while (learner version - k) <=
+  max_staleness; staler ones are dropped and counted;
+- a rollout whose actor died is re-run (same group id and seed) on another actor after the
+  latest weights are re-sent to the restarted one, and counted as retried; reward batches are
+  retried by their pool. Every group id is produced, scored and consumed at most once (the
+  ledger refuses anything else) and is always somewhere the ledger can see.
+The driver only ever holds references and small metadata; payloads stay in the object store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from actors.failures import InfraError
+from orchestrator.ledger import Ledger
+from orchestrator.reward_pool import RewardPool
+from orchestrator.staleness import StalenessManager
+from rewards.errors import DataError
+
+
+@dataclass
+class Group:
+    gid: str
+    prompt: str
+    seed: int
+    worker: int = -1
+    batch_ref: ray.ObjectRef | None = None  # reward input: ids, uint8 videos, prompts
+    payload_ref: ray.ObjectRef | None = None  # learner input: latents, log-probs, ...
+    version: int = -1
+    prefix_chunks: int = 0
+    rewards: dict[str, np.ndarray] = field(default_factory=dict)
+    pending_pools: set[str] = field(default_factory=set)
+    rollout_seconds: float = 0.0
+
+
+class PromptCursor:
+    """Endless shuffled passes over the prompt list; its state (epoch, index) is part of checkpoints."""
+
+    def __init__(self, prompts: list[str], seed: int, epoch: int = 0, index: int = 0):
+        self.prompts, self.seed, self.epoch, self.index = list(prompts), seed, epoch, index
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+
+    def next(self) -> str:
+        if self.index == len(self.prompts):
+            self.epoch, self.index = self.epoch + 1, 0
+        prompt = self.prompts[self._order()[self.index]]
+        self.index += 1
+        return prompt
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+class Pipeline:
+    def __init__(self, workers: list, pools: dict[str, RewardPool], reward_names: dict[str, list[str]],
+                 prompts: PromptCursor, staleness: StalenessManager, ledger: Ledger, seed: int,
+                 next_group: int = 0, per_worker: int = 2, group_size: int = 1):
+        self.workers, self.pools, self.reward_names = workers, pools, reward_names
+        self.prompts, self.staleness, self.ledger = prompts, staleness, ledger
+        self.seed, self.next_group, self.per_worker, self.group_size = seed, next_group, per_worker, group_size
+        self.rolling: dict[ray.ObjectRef, Group] = {}  # meta ref -> group being generated
+        self.scoring: dict[str, Group] = {}
+        self.ready: deque[Group] = deque()
+        self.weights: tuple[int, ray.ObjectRef] | None = None
+        self.rollout_busy_s = 0.0
+
+    # -- weights ---------------------------------------------------------------------------
+    def publish(self, version: int, weights_ref: ray.ObjectRef) -> None:
+        """Send version `version` to every rollout actor (one object in the store, fetched by ref)."""
+        self.weights = (version, weights_ref)
+        for w in self.workers:
+            w.set_weights.remote(version, weights_ref)
+
+    # -- the three stages ------------------------------------------------------------------
+    def worker_loads(self) -> list[int]:
+        load = [0] * len(self.workers)
+        for g in self.rolling.values():
+            load[g.worker] += 1
+        return load
+
+    def _start_rollouts(self, learner_version: int) -> None:
+        load = self.worker_loads()
+        budget = self.staleness.capacity(learner_version)
+        while budget > 0 and min(load) < self.per_worker:
+            gid = f"g{self.next_group:06d}"
+            group = Group(gid, self.prompts.next(), seed=self.seed * 1_000_003 + self.next_group)
+            self.next_group += 1
+            self.staleness.start()
+            budget -= 1
+            self._launch(group, load.index(min(load)))
+            load[group.worker] += 1
+
+    def _launch(self, group: Group, worker: int) -> None:
+        group.worker = worker
+        batch, payload, meta = self.workers[worker].generate.options(num_returns=3).remote(group.gid, group.prompt, group.seed)
+        group.batch_ref, group.payload_ref = batch, payload
+        self.rolling[meta] = group
+
+    def _collect_rollouts(self, timeout: float) -> None:
+        if not self.rolling:
+            return
+        done, _ = ray.wait(list(self.rolling), num_returns=len(self.rolling), timeout=timeout)
+        for ref in done:
+            group = self.rolling.pop(ref)
+            try:
+                meta = ray.get(ref)
+            except RayActorError:
+                self._retry_rollout(group)
+                continue
+            self.ledger.produce(group.gid)
+            group.version, group.prefix_chunks, group.rollout_seconds = meta["version"], meta["prefix_chunks"], meta["seconds"]
+            self.rollout_busy_s += meta["seconds"]
+            group.pending_pools = set(self.pools)
+            self.scoring[group.gid] = group
+            for pool in self.pools.values():
+                pool.submit(group.gid, group.batch_ref)
+
+    def _retry_rollout(self, group: Group) -> None:
+        self.ledger.retried += 1
+        dead = self.workers[group.worker]
+        if self.weights:  # the restarted actor came back with fresh weights: give it the current ones
+            dead.set_weights.remote(*self.weights)
+        others = [i for i in range(len(self.workers)) if i != group.worker] or [group.worker]
+        self._launch(group, others[self.next_group % len(others)])
+
+    def _collect_scores(self) -> None:
+        for name, pool in self.pools.items():
+            for gid, result in pool.ready():
+                group = self.scoring.get(gid)
+                if group is None:  # already dropped for a data error from another pool
+                    continue
+                if isinstance(result, (DataError, InfraError)):
+                    print(f"dropping group {gid}: {result}")
+                    self.ledger.skipped_samples += self.group_size
+                    self.ledger.drop(gid, "data_error" if isinstance(result, DataError) else "infra_error")
+                    del self.scoring[gid]
+                    continue
+                for i, reward in enumerate(self.reward_names[name]):
+                    group.rewards[reward] = result[:, i]
+                group.pending_pools.discard(name)
+                if not group.pending_pools:
+                    self.ledger.score(gid)
+                    self.ready.append(self.scoring.pop(gid))
+
+    def pump(self, learner_version: int, timeout: float = 0.0) -> None:
+        self._start_rollouts(learner_version)
+        self._collect_rollouts(timeout)
+        self._collect_scores()
+
+    # -- what the learner sees ------------------------------------------------------------
+    def next_batch(self, n: int, learner_version: int) -> list[Group]:
+        """Block until n fresh scored groups are ready; stale ones are dropped on the way."""
+        batch: list[Group] = []
+        while len(batch) < n:
+            while self.ready and len(batch) < n:
+                group = self.ready.popleft()
+                if self.staleness.is_stale(group.version, learner_version):
+                    self.ledger.drop(group.gid, "stale")
+                else:
+                    batch.append(group)
+            if len(batch) < n:
+                self.pump(learner_version, timeout=0.01)
+        return batch
+
+    def depths(self) -> dict[str, int]:
+        return {"rollout": len(self.rolling), "reward": len(self.scoring), "ready": len(self.ready)}
+
+    def held(self) -> set[str]:
+        """Produced group ids still inside the pipeline (for the ledger's balance)."""
+        return set(self.scoring) | {g.gid for g in self.ready}
+
+    def close(self) -> None:
+        """End of run: produced but unused groups are dropped (and counted); rollouts in flight are abandoned."""
+        for group in [*self.scoring.values(), *self.ready]:
+            self.ledger.drop(group.gid, "unused")
+        self.scoring.clear()
+        self.ready.clear()
+        for ref in self.rolling:
+            ray.cancel(ref, force=False)
+        self.rolling.clear()

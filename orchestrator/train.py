@@ -1,0 +1,244 @@
+"""`videorl train`: the asynchronous RL loop over rollout, reward, controller and learner actors.
+
+    publish weights v0
+    for step:
+        batch  = next scored groups (rollout keeps running ahead, at most max_staleness versions)
+        stats  = learner.update(batch, λ)        # GDPO over (R_f, -ReLU(τ - R_c)) channels weighted (1, λ)
+        λ      = controller.update(batch means)  # PID Lagrangian on the constraint violations
+        publish weights v(step+1)
+        log, checkpoint
+The driver holds only object references and small metadata; rollout and reward actors keep
+working while the learner trains (the driver pumps the pipeline while it waits).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+import yaml
+from tqdm import tqdm
+
+from orchestrator.checkpoint import latest_checkpoint, save_checkpoint
+from orchestrator.cluster import RunActors, start_actors
+from orchestrator.config import Config
+from orchestrator.ledger import Ledger
+from orchestrator.metrics import DashboardMetrics, MetricsLog
+from orchestrator.pipeline import Group, Pipeline, PromptCursor
+from orchestrator.staleness import StalenessManager
+
+
+class Run:
+    """Everything one training run holds across steps, and how it is saved and restored."""
+
+    def __init__(self, cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
+                 taus: dict[str, float]):
+        self.cfg, self.dir, self.actors, self.primary, self.taus = cfg, run_dir, actors, primary, taus
+        self.ledger = Ledger()
+        self.cursor = PromptCursor(prompts, cfg.train.seed)
+        self.step, self.next_group, self.rollout_rows = 0, 0, []
+        self.lambdas = {c: 0.0 for c in taus}
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, held: set[str]) -> None:
+        """held: group ids inside the pipeline now; a resumed run has lost them, so it drops them as interrupted."""
+        tensors, learner_state = ray.get(self.actors.learner.state.remote())
+        state = {
+            "step": self.step, "next_group": self.next_group, "cursor": self.cursor.state_dict(), "held": sorted(held),
+            "ledger": self.ledger.state_dict(), "learner": learner_state, "samples": self.samples,
+            "controller": ray.get(self.actors.controller.state_dict.remote()), "lambdas": self.lambdas,
+        }
+        save_checkpoint(self.dir, self.step, tensors, state)
+        _write_parquet(self.rollout_rows, self.dir / "rollouts.parquet")
+
+    def restore(self) -> bool:
+        ckpt = latest_checkpoint(self.dir)
+        if ckpt is None:
+            return False
+        for path, reason in ckpt.skipped:
+            print(f"skipping corrupt checkpoint {path}: {reason}")
+        s = ckpt.state
+        ray.get(self.actors.learner.load_state.remote(ckpt.tensors, s["learner"]))
+        ray.get(self.actors.controller.load_state_dict.remote(s["controller"]))
+        self.step, self.next_group, self.samples, self.lambdas = s["step"], s["next_group"], s["samples"], s["lambdas"]
+        self.cursor.epoch, self.cursor.index = s["cursor"]["epoch"], s["cursor"]["index"]
+        self.ledger = Ledger.from_state_dict(s["ledger"])
+        for gid in s["held"]:
+            self.ledger.drop(gid, "interrupted")
+        rollouts = self.dir / "rollouts.parquet"
+        if rollouts.exists():
+            self.rollout_rows = [r for r in pq.read_table(rollouts).to_pylist() if r["step"] < self.step]
+        print(f"resumed {self.dir} at step {self.step} (checkpoint {ckpt.path.name})")
+        return True
+
+
+def _write_parquet(rows: list[dict], path: Path) -> None:
+    if rows:
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        tmp.replace(path)
+
+
+def batch_means(batch: list[Group]) -> dict[str, float]:
+    names = batch[0].rewards.keys()
+    return {n: float(np.mean(np.concatenate([g.rewards[n] for g in batch]))) for n in names}
+
+
+def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
+               taus: dict[str, float], resume: bool, progress: bool = True) -> Run:
+    """Run the RL steps; returns the finished Run (ledger, lambdas, rows) for the summary."""
+    run = Run(cfg, run_dir, actors, prompts, primary, taus)
+    if resume:
+        run.restore()
+    # groups admitted before a restart were consumed or dropped, so admission restarts from the step
+    staleness = StalenessManager(cfg.train.groups_per_step, cfg.train.max_staleness,
+                                 started=run.step * cfg.train.groups_per_step)
+    pipe = Pipeline(actors.rollouts, actors.pools, actors.reward_names, run.cursor, staleness, run.ledger,
+                    seed=cfg.train.seed, next_group=run.next_group, group_size=cfg.rollout.group_size)
+    log = MetricsLog(run_dir, start_step=run.step)
+    dash = DashboardMetrics()
+    pipe.publish(run.step, actors.learner.weights.remote())
+    bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
+    while run.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        batch = pipe.next_batch(cfg.train.groups_per_step, learner_version=run.step)
+        waited = time.perf_counter() - t0
+        update = actors.learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch],
+                                                   primary, taus, run.lambdas)
+        while not ray.wait([update], timeout=0.02)[0]:
+            pipe.pump(run.step)  # rollout and reward keep moving while the learner trains
+        stats = ray.get(update)
+        means = batch_means(batch)
+        lambdas_used = dict(run.lambdas)
+        run.lambdas = ray.get(actors.controller.update.remote({c: means[c] for c in taus}))
+        run.step += 1
+        pipe.publish(run.step, actors.learner.weights.remote())
+        for g in batch:
+            run.ledger.consume(g.gid)
+        run.samples += sum(len(g.rewards[primary]) for g in batch)
+        run.next_group = pipe.next_group
+        row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
+        log.log(row)
+        _dashboard(dash, row, pipe)
+        run.rollout_rows += _rollout_rows(run.step - 1, batch, lambdas_used)
+        bar.update(1)
+        bar.set_postfix({primary: f"{means[primary]:.3f}", **{f"λ{c}": f"{v:.2f}" for c, v in run.lambdas.items()},
+                         "clips/s": f"{row['throughput/samples_per_s']:.1f}"})
+        if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps:
+            run.save(pipe.held())
+    bar.close()
+    log.close()
+    pipe.close()
+    run.held = pipe.held()
+    return run
+
+
+def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipeline, waited: float, seconds: float) -> dict:
+    staleness = [run.step - 1 - g.version for g in batch]
+    wall = time.perf_counter() - run.started
+    row = {"step": run.step - 1, **{f"reward/{k}": v for k, v in means.items()},
+           **{f"lambda/{c}": v for c, v in lambdas.items()}, **{f"tau/{c}": v for c, v in run.taus.items()},
+           **{k: v for k, v in stats.items() if k != "version"},
+           "staleness/mean": float(np.mean(staleness)), "staleness/max": float(np.max(staleness)),
+           "throughput/samples_per_s": sum(len(g.rewards[run.primary]) for g in batch) / seconds,
+           "throughput/total_samples_per_s": run.samples / wall,
+           "idle/learner": waited / seconds,
+           "idle/rollout": 1.0 - min(1.0, pipe.rollout_busy_s / (len(pipe.workers) * wall)),
+           **{f"queue/{k}": v for k, v in pipe.depths().items()},
+           **{f"ledger/{k}": v for k, v in run.ledger.balance(pipe.held()).items() if isinstance(v, int)}}
+    return row
+
+
+def _dashboard(dash: DashboardMetrics, row: dict, pipe: Pipeline) -> None:
+    for key, value in row.items():
+        if key != "step":
+            dash.set(key, float(value))
+    for name, pool in pipe.pools.items():
+        for replica, load in pool.load.items():
+            dash.set("queue_depth", load, tags={"stage": "reward", "actor": replica})
+        dash.set("replicas", pool.size, tags={"model": name})
+    for i, worker_load in enumerate(pipe.worker_loads()):
+        dash.set("queue_depth", worker_load, tags={"stage": "rollout", "actor": f"rollout-{i}"})
+    dash.set("policy_version", row["step"] + 1)
+
+
+def _rollout_rows(step: int, batch: list[Group], lambdas: dict[str, float]) -> list[dict]:
+    rows = []
+    for g in batch:
+        for j in range(len(next(iter(g.rewards.values())))):
+            rows.append({"step": step, "group_id": g.gid, "sample": j, "prompt": g.prompt, "version": g.version,
+                         "staleness": step - g.version, "prefix_chunks": g.prefix_chunks,
+                         **{f"reward_{k}": float(v[j]) for k, v in g.rewards.items()},
+                         **{f"lambda_{c}": v for c, v in lambdas.items()}})
+    return rows
+
+
+def write_resolved_config(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: str | None = None,
+                 progress: bool = True) -> dict:
+    """Everything `videorl train` does: inputs (cached), actors, the loop, before/after evaluation, report."""
+    from orchestrator.cluster import connect
+    from orchestrator.evaluation import evaluate
+    from orchestrator.inputs import prepare
+    from orchestrator.report import write_report
+    from policy.model import VideoDiT
+
+    inputs = prepare(cfg, progress=progress)
+    write_resolved_config(cfg, run_dir)
+    connect(cfg, address)
+    actors = start_actors(cfg, str(inputs.base), inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
+    try:
+        run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume, progress)
+        final = ray.get(actors.learner.weights.remote())
+    finally:
+        actors.shutdown()
+    e = cfg.eval
+    model = VideoDiT.load(inputs.base)
+    scores = {}
+    for when, weights in (("before", None), ("after", final)):
+        if weights is not None:
+            model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+        res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, mode=cfg.rollout.mode,
+                       seeds_per_prompt=e.seeds_per_prompt, seed=e.seed)
+        scores[when] = res.means()
+        (run_dir / "samples").mkdir(exist_ok=True)
+        np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
+    model.save(run_dir / "final" / "model.safetensors")
+    means = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
+    summary = {
+        "oracle": scores,
+        "constraints": {c: {"tau": tau, "final": means.get(c, float("nan")), "satisfied": means.get(c, -1e9) >= tau}
+                        for c, tau in inputs.taus.items()},
+        "primary": {"name": inputs.primary, "final": means.get(inputs.primary)},
+        "lambdas": run.lambdas,
+        "ledger": run.ledger.balance(run.held),
+        "throughput": {"samples": run.samples, "seconds": round(time.perf_counter() - run.started, 1),
+                       "samples_per_s": run.samples / (time.perf_counter() - run.started)},
+        "steps": run.step,
+        "profile": cfg.rewards.profile,
+    }
+    write_summary(run_dir, summary)
+    write_report(run_dir)
+    return summary
+
+
+def batch_means_from_rows(rows: list[dict]) -> dict[str, float]:
+    """Mean of every reward column over rollout rows (the last quarter of the run, for 'final' values)."""
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith("reward_")]
+    return {k.removeprefix("reward_"): float(np.mean([r[k] for r in rows])) for k in keys}
