@@ -115,6 +115,24 @@ def cmd_calibrate(args) -> None:
     print(f"wrote {path}")
 
 
+def cmd_scale(args) -> None:
+    import ray
+
+    from actors.control import NAMESPACE, find_control
+
+    wanted = {}
+    for item in args.reward:
+        name, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--reward takes NAME=N (a reward model and a replica count), got {item!r}")
+        wanted[name] = int(n)
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    control = find_control()
+    for name, n in wanted.items():
+        ray.get(control.scale.remote(name, n))
+    print(f"requested {wanted}; the job applies it at its next learner step (now: {ray.get(control.get_status.remote())})")
+
+
 def cmd_bench_kvcache(args) -> None:
     from orchestrator.config import base_checkpoint_dir
     from orchestrator.pretraining import CHECKPOINT
@@ -162,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("calibrate", cmd_calibrate, "SCRL thresholds: score base-model samples, write tau = mu + k sigma per profile")
     p.add_argument("--seed", type=int, help="sampling seed (default rewards.calibration.seed)")
     p.add_argument("--out", help="JSON path (default: the cached calibration of the config)")
+
+    p = sub.add_parser("scale", help="change a running job's reward replicas", description="change a running job's reward replicas")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
+    p.add_argument("--reward", action="append", required=True, metavar="NAME=N", help="reward model and replica count")
+    p.set_defaults(func=cmd_scale)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

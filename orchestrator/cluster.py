@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import ray
 
+from actors.control import NAMESPACE, control_actor
 from actors.controller import controller_actor
 from actors.learner import learner_actor
 from actors.reward import reward_actor
@@ -24,9 +25,10 @@ def connect(cfg: Config, address: str | None = None) -> None:
         return
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(num_cpus=cfg.ray.num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
 
 
 @dataclass
@@ -36,11 +38,12 @@ class RunActors:
     reward_names: dict[str, list[str]]  # pool -> reward names, in score-column order
     learner: object
     controller: object
+    control: object  # the named control actor `videorl scale` talks to
 
     def shutdown(self) -> None:
         for pool in self.pools.values():
             pool.shutdown()
-        for handle in [*self.rollouts, self.learner, self.controller]:
+        for handle in [*self.rollouts, self.learner, self.controller, self.control]:
             ray.kill(handle, no_restart=True)
 
 
@@ -61,4 +64,4 @@ def start_actors(cfg: Config, base_checkpoint: str, reward_checkpoints: dict[str
     learner = learner_actor(model_cfg, base_checkpoint, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
                             num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
     controller = controller_actor(cfg.constraints.model_dump(), taus)
-    return RunActors(rollouts, pools, names, learner, controller)
+    return RunActors(rollouts, pools, names, learner, controller, control_actor(list(pools)))

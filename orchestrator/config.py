@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.autoscale import AutoscaleConfig
 from policy.learner import LearnerConfig
 from policy.model import ModelConfig
 from rewards.constraints import ConstraintsConfig
@@ -67,6 +68,7 @@ class RewardModelSpec(Section):
     kind: Literal["videoreward", "feedback", "oracle"]
     prefix: str = ""  # reward names are prefix + dimension (the oracle monitors as oracle_vq, ...)
     replicas: int = Field(1, ge=1)
+    autoscale: AutoscaleConfig | None = None  # grow/shrink replicas with the reward backlog
     num_cpus: float = Field(0.2, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     checkpoint: str | None = None  # None: trained by videorl and cached

@@ -107,6 +107,8 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     dash = DashboardMetrics()
     pipe.publish(run.step, actors.learner.weights.remote())
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
+    scored_before = {name: 0 for name in pipe.pools}
+    calm = {name: 0 for name in pipe.pools}
     while run.step < cfg.train.steps:
         t0 = time.perf_counter()
         batch = pipe.next_batch(cfg.train.groups_per_step, learner_version=run.step)
@@ -125,7 +127,10 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
             run.ledger.consume(g.gid)
         run.samples += sum(len(g.rewards[primary]) for g in batch)
         run.next_group = pipe.next_group
+        scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
         row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
+        row.update(_scale_reward_pools(cfg, actors, pipe, scored_before, scored, time.perf_counter() - t0, calm))
+        scored_before = scored
         log.log(row)
         _dashboard(dash, row, pipe)
         run.rollout_rows += _rollout_rows(run.step - 1, batch, lambdas_used)
@@ -154,6 +159,27 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
            "idle/rollout": 1.0 - min(1.0, pipe.rollout_busy_s / (len(pipe.workers) * wall)),
            **{f"queue/{k}": v for k, v in pipe.depths().items()},
            **{f"ledger/{k}": v for k, v in run.ledger.balance(pipe.held()).items() if isinstance(v, int)}}
+    return row
+
+
+def _scale_reward_pools(cfg: Config, actors: RunActors, pipe: Pipeline, before: dict, after: dict, seconds: float,
+                        calm: dict) -> dict:
+    """Apply `videorl scale` requests and autoscaling; report replicas and reward throughput per model."""
+    from orchestrator.autoscale import decide
+
+    requests = ray.get(actors.control.take_requests.remote())
+    row = {}
+    for name, pool in pipe.pools.items():
+        spec = cfg.rewards.models[name]
+        if name in requests:
+            pool.scale_to(requests[name])
+        elif spec.autoscale is not None:
+            replicas, calm[name] = decide(spec.autoscale, pool.size, pool.in_flight, calm[name])
+            if replicas != pool.size:
+                pool.scale_to(replicas)
+        row[f"replicas/{name}"] = pool.size
+        row[f"throughput/reward_{name}_batches_per_s"] = (after[name] - before[name]) / seconds
+    actors.control.report.remote({name: pool.size for name, pool in pipe.pools.items()})
     return row
 
 

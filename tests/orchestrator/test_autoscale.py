@@ -1,0 +1,31 @@
+import pytest
+
+from orchestrator.autoscale import AutoscaleConfig, decide
+
+
+def test_grows_one_at_a_time_up_to_max_under_backlog():
+    cfg = AutoscaleConfig(min=1, max=3, target_backlog=2)
+    replicas, calm, seen = 1, 0, []
+    for _ in range(5):
+        replicas, calm = decide(cfg, replicas, in_flight=12, calm_steps=calm)
+        seen.append(replicas)
+    assert seen == [2, 3, 3, 3, 3]
+
+
+def test_shrinks_after_patience_calm_steps_down_to_min():
+    cfg = AutoscaleConfig(min=1, max=3, target_backlog=2, patience=2)
+    replicas, calm, seen = 3, 0, []
+    for _ in range(6):
+        replicas, calm = decide(cfg, replicas, in_flight=0, calm_steps=calm)
+        seen.append(replicas)
+    assert seen == [3, 2, 2, 1, 1, 1]
+
+
+def test_moderate_backlog_holds_steady():
+    cfg = AutoscaleConfig(min=1, max=4, target_backlog=2, patience=1)
+    assert decide(cfg, 2, in_flight=3, calm_steps=0) == (2, 0)  # backlog 1.5: neither busy nor calm
+
+
+def test_max_below_min_is_refused():
+    with pytest.raises(ValueError, match="autoscale.max"):
+        AutoscaleConfig(min=3, max=2)
