@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.autoscale import AutoscaleConfig
+from orchestrator.chaos import ChaosConfig
 from policy.learner import LearnerConfig
 from policy.model import ModelConfig
 from rewards.constraints import ConstraintsConfig
@@ -132,6 +133,7 @@ class Config(Section):
     learner: LearnerConfig = LearnerConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    chaos: ChaosConfig = ChaosConfig()
     eval: EvalConfig = EvalConfig()
     cache_dir: str | None = None  # None: $VIDEORL_CACHE or ~/.cache/videorl
     threads: int = Field(1, ge=1)  # torch threads per process; more oversubscribes small CPU ops

@@ -121,6 +121,9 @@ class Pipeline:
             except RayActorError:
                 self._retry_rollout(group)
                 continue
+            if meta["version"] < 0:  # a restarted actor ran before its weights came back: not the policy's sample
+                self._retry_rollout(group)
+                continue
             self.ledger.produce(group.gid)
             group.version, group.prefix_chunks, group.rollout_seconds = meta["version"], meta["prefix_chunks"], meta["seconds"]
             self.rollout_busy_s += meta["seconds"]
@@ -146,7 +149,7 @@ class Pipeline:
                 if isinstance(result, (DataError, InfraError)):
                     print(f"dropping group {gid}: {result}")
                     self.ledger.skipped_samples += self.group_size
-                    self.ledger.drop(gid, "data_error" if isinstance(result, DataError) else "infra_error")
+                    self._drop(gid, "data_error" if isinstance(result, DataError) else "infra_error")
                     del self.scoring[gid]
                     continue
                 for i, reward in enumerate(self.reward_names[name]):
@@ -155,6 +158,13 @@ class Pipeline:
                 if not group.pending_pools:
                     self.ledger.score(gid)
                     self.ready.append(self.scoring.pop(gid))
+
+    def _drop(self, gid: str, reason: str) -> None:
+        """A group that will never be trained gives its admission slot back (AReaL counts only accepted rollouts):
+        otherwise each drop would shrink the window of groups in flight for good, and after
+        (max_staleness + 1) * groups_per_step drops no rollout could start again."""
+        self.ledger.drop(gid, reason)
+        self.staleness.started -= 1
 
     def pump(self, learner_version: int, timeout: float = 0.0) -> None:
         self._start_rollouts(learner_version)
@@ -169,7 +179,7 @@ class Pipeline:
             while self.ready and len(batch) < n:
                 group = self.ready.popleft()
                 if self.staleness.is_stale(group.version, learner_version):
-                    self.ledger.drop(group.gid, "stale")
+                    self._drop(group.gid, "stale")
                 else:
                     batch.append(group)
             if len(batch) < n:

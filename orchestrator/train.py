@@ -25,6 +25,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from orchestrator.chaos import ChaosMonkey
 from orchestrator.checkpoint import latest_checkpoint, save_checkpoint
 from orchestrator.cluster import RunActors, start_actors
 from orchestrator.config import Config
@@ -107,6 +108,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     dash = DashboardMetrics()
     pipe.publish(run.step, actors.learner.weights.remote())
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
+    chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools)
     scored_before = {name: 0 for name in pipe.pools}
     calm = {name: 0 for name in pipe.pools}
     while run.step < cfg.train.steps:
@@ -131,6 +133,9 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
         row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
         row.update(_scale_reward_pools(cfg, actors, pipe, scored_before, scored, time.perf_counter() - t0, calm))
         scored_before = scored
+        if victim := chaos.maybe_kill():
+            print(f"chaos: killed {victim}")
+        row["chaos/kills"] = len(chaos.kills)
         log.log(row)
         _dashboard(dash, row, pipe)
         run.rollout_rows += _rollout_rows(run.step - 1, batch, lambdas_used)
@@ -138,6 +143,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
         bar.set_postfix({primary: f"{means[primary]:.3f}", **{f"λ{c}": f"{v:.2f}" for c, v in run.lambdas.items()},
                          "clips/s": f"{row['throughput/samples_per_s']:.1f}"})
         if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps:
+            log.flush()  # metrics up to the checkpoint are on disk with it
             run.save(pipe.held())
     bar.close()
     log.close()
