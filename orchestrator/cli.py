@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,7 +88,10 @@ def cmd_train(args) -> None:
         from orchestrator.config import load_config
 
         cfg = load_config(run_dir / "config.yaml", args.overrides)  # the run's own config, plus overrides
-    summary = run_training(cfg, run_dir, resume=bool(args.resume), address=args.address)
+    stop = threading.Event()  # Ctrl-C / SIGTERM: finish the step, checkpoint, summarise; a second one kills
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(130) if stop.is_set() else stop.set())
+    summary = run_training(cfg, run_dir, resume=bool(args.resume), address=args.address, stop=stop)
     o = summary["oracle"]
     rows = [{"policy": k, **o[k]} for k in ("before", "after")]
     rows.append({"policy": "change", **{d: o["after"][d] - o["before"][d] for d in o["after"]}})

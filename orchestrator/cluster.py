@@ -27,7 +27,7 @@ def connect(cfg: Config, address: str | None = None) -> None:
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
 
 

@@ -14,6 +14,7 @@ working while the learner trains (the driver pumps the pipeline while it waits).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -94,8 +95,11 @@ def batch_means(batch: list[Group]) -> dict[str, float]:
 
 
 def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
-               taus: dict[str, float], resume: bool, progress: bool = True) -> Run:
-    """Run the RL steps; returns the finished Run (ledger, lambdas, rows) for the summary."""
+               taus: dict[str, float], resume: bool, progress: bool = True, stop: threading.Event | None = None) -> Run:
+    """Run the RL steps; returns the finished Run (ledger, lambdas, rows) for the summary.
+
+    `stop` (set by Ctrl-C / SIGTERM in the CLI) ends the run after the current step, with a checkpoint.
+    """
     run = Run(cfg, run_dir, actors, prompts, primary, taus)
     if resume:
         run.restore()
@@ -111,7 +115,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools)
     scored_before = {name: 0 for name in pipe.pools}
     calm = {name: 0 for name in pipe.pools}
-    while run.step < cfg.train.steps:
+    while run.step < cfg.train.steps and not (stop and stop.is_set()):
         t0 = time.perf_counter()
         batch = pipe.next_batch(cfg.train.groups_per_step, learner_version=run.step)
         waited = time.perf_counter() - t0
@@ -142,7 +146,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
         bar.update(1)
         bar.set_postfix({primary: f"{means[primary]:.3f}", **{f"λ{c}": f"{v:.2f}" for c, v in run.lambdas.items()},
                          "clips/s": f"{row['throughput/samples_per_s']:.1f}"})
-        if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps:
+        if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps or (stop and stop.is_set()):
             log.flush()  # metrics up to the checkpoint are on disk with it
             run.save(pipe.held())
     bar.close()
@@ -223,7 +227,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 
 def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: str | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, stop: threading.Event | None = None) -> dict:
     """Everything `videorl train` does: inputs (cached), actors, the loop, before/after evaluation, report."""
     from orchestrator.cluster import connect
     from orchestrator.evaluation import evaluate
@@ -236,7 +240,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     connect(cfg, address)
     actors = start_actors(cfg, str(inputs.base), inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
-        run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume, progress)
+        run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume, progress, stop)
         final = ray.get(actors.learner.weights.remote())
     finally:
         actors.shutdown()
