@@ -235,6 +235,8 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     from orchestrator.report import write_report
     from policy.model import VideoDiT
 
+    if resume:
+        _check_resumable(cfg, run_dir)
     inputs = prepare(cfg, progress=progress)
     write_resolved_config(cfg, run_dir)
     connect(cfg, address)
@@ -272,6 +274,20 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     write_summary(run_dir, summary)
     write_report(run_dir)
     return summary
+
+
+def _check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Before any actor starts: the run's latest good checkpoint must fit the configured model."""
+    from orchestrator.checkpoint import check_compatible
+    from policy.model import VideoDiT
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
+    try:
+        check_compatible(ckpt.tensors["policy"], VideoDiT(cfg.model))
+    except ValueError as e:
+        raise ValueError(f"cannot resume {ckpt.path}: {e}") from None
 
 
 def batch_means_from_rows(rows: list[dict]) -> dict[str, float]:

@@ -1,0 +1,113 @@
+"""Every bad input a user can give gets one clear line and a non-zero exit (README: "Bad input")."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.config import load_config
+from orchestrator.train import run_training
+from rewards.reward_model import RewardModelConfig, VideoReward
+from rewards.world import VOCAB
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # each case runs the real CLI in a fresh process
+
+
+def videorl(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, f"cache_dir={tmp / 'cache'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["rollout.group_size=1"], ["rollout.group_size=1", "gdpo needs groups of at least 2"]),
+    (["learner.advantage=grpo", "rollout.group_size=1"], ["grpo needs groups of at least 2"]),
+    (["learner.loss=ppo", "rollout.sampler=ode"], ["learner.loss=ppo needs a stochastic rollout.sampler"]),
+    (["rewards.models.videoreward.autoscale={min: 3, max: 2}"], ["autoscale.max (2) must be >= autoscale.min (3)"]),
+    (["train.max_staleness=-1"], ["train.max_staleness", "greater than or equal to 0"]),
+    (["rollout.eta=nan"], ["rollout.eta"]),
+])
+def test_contradictory_or_invalid_settings(overrides, fragments, tmp_path):
+    one_line_error(videorl("train", *overrides, tmp=tmp_path), *fragments)
+
+
+@pytest.mark.parametrize("content, fragments", [
+    (b"", ["no prompts"]),
+    (b"# only a comment\n\n", ["no prompts"]),
+    (b"a red square moving left slowly\n\xff\xfe broken\n", ["not UTF-8"]),
+    (b"a red square moving left slowly\n" + b"a" * 300 + b"\n", [":2:", "200"]),
+    (b"a red square moving left slowly\na red hexagon moving left slowly\n", [":2:", "hexagon"]),
+    (b"a red square moving left\x00 slowly\n", ["NUL"]),
+])
+def test_bad_prompt_files(content, fragments, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    one_line_error(videorl("train", f"data.prompts={path}", tmp=tmp_path), str(path), *fragments)
+
+
+def test_missing_prompt_file(tmp_path):
+    one_line_error(videorl("train", f"data.prompts={tmp_path / 'nope.txt'}", tmp=tmp_path), "nope.txt")
+
+
+def test_corrupt_and_truncated_checkpoints(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    (tmp_path / "model.json").write_text("{not json")
+    one_line_error(videorl("eval", "--checkpoint", str(bad), tmp=tmp_path), "corrupt model config", "model.json")
+    (tmp_path / "model.json").write_text(load_config().model.model_dump_json())
+    one_line_error(videorl("eval", "--checkpoint", str(bad), tmp=tmp_path), "corrupt weights file", str(bad))
+
+
+def test_resume_problems(tmp_path):
+    one_line_error(videorl("train", "--resume", str(tmp_path / "nothing"), tmp=tmp_path), "run directory not found")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("train: {steps: 3}\n")
+    one_line_error(videorl("train", "--resume", str(tmp_path / "run"), tmp=tmp_path), "no checkpoint to resume from")
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_model_shape_and_a_nan_reward_model(tmp_path, ray_cluster):
+    """A reward model that returns NaN for one prompt word: those groups are skipped and counted, the run
+    goes on; resuming that run with another model width is refused naming the tensor."""
+    cfg_rm = RewardModelConfig(dim=16, depth=1, heads=2)
+    model = VideoReward(cfg_rm)
+    with torch.no_grad():
+        model.word_embed.weight[model.tokenize(["magenta"])[0, 0]] = float("nan")
+    model.save(tmp_path / "poisoned")
+    (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 0.5}\n")
+    (tmp_path / "prompts.txt").write_text("a magenta circle moving up slowly\na red square moving left quickly\n"
+                                          "a blue triangle moving down slowly\na green circle moving right quickly\n")
+    args = ["model.dim=32", "model.depth=2", "data.sft_clips=256", "pretrain.steps=30", "pretrain.batch_size=8",
+            "rollout.steps=3", "rollout.group_size=4", f"rewards.models={{rm: {{kind: videoreward, checkpoint: {tmp_path / 'poisoned'}}}}}",
+            f"rewards.profile={tmp_path / 'profile.yaml'}", "rewards.calibration.samples_per_prompt=2",
+            f"data.prompts={tmp_path / 'prompts.txt'}", "train.steps=4", "train.groups_per_step=2",
+            "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2", "eval.steps=2", "eval.seeds_per_prompt=1",
+            f"cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ValueError, match="non-finite"):  # calibration on held-out prompts meets magenta first
+        run_training(load_config(None, args), tmp_path / "run0", progress=False)
+    # calibrate with the oracle instead, then train with the poisoned model as the only reward
+    cal_args = [a for a in args if not a.startswith("rewards.models")] + ["rewards.models={rm: {kind: oracle}}"]
+    from orchestrator.inputs import calibration_path, ensure_calibration
+    from orchestrator.pretraining import ensure_base_model
+
+    cal_cfg = load_config(None, cal_args)
+    cal = ensure_calibration(cal_cfg, ensure_base_model(cal_cfg, progress=False), {"rm": None})
+    cfg = load_config(None, args)
+    calibration_path(cfg).write_bytes(cal.read_bytes())  # same τ file for the run
+    summary = run_training(cfg, tmp_path / "run", progress=False)
+    ledger = summary["ledger"]
+    assert ledger["dropped_data_error"] >= 1 and ledger["skipped_samples"] >= 4
+    assert ledger["balanced"] and ledger["lost"] == 0 and summary["steps"] == 4
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--resume", str(tmp_path / "run"),
+                          "model.dim=48"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(out, "cannot resume", "has shape")
