@@ -56,6 +56,10 @@ class ModelConfig(BaseModel):
     vocab: list[str] = Field(min_length=1)
     max_words: int = Field(8, ge=1)
     rope_base: float = Field(10000.0, gt=1)
+    text_attention: bool = Field(True, description="prompt words are extra keys/values in every attention layer")
+    qk_norm: bool = Field(False, description="RMS-normalise queries and keys per head")
+    spatial_rope: bool = Field(False, description="3D rotary: half of each head rotates by frame, a quarter each by patch row/column")
+    sincos_pos: bool = Field(True, description="initialise the spatial position embedding with 2D sin-cos")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -89,10 +93,15 @@ def timestep_embedding(sigma: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def rotary_angles(positions: Tensor, pairs: int, base: float) -> Tensor:
+    """RoFormer (Su et al. 2021) angles of integer positions [L] for `pairs` rotation pairs -> [L, pairs]."""
+    inv = base ** (-torch.arange(pairs, dtype=torch.float32, device=positions.device) / pairs)
+    return positions.float()[:, None] * inv[None]
+
+
 def rotary_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """RoFormer (Su et al. 2021) angles for integer positions [L] -> cos, sin [L, head_dim]."""
-    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    ang = positions.float()[:, None] * inv[None]  # [L, head_dim/2]
+    """Angles for integer positions [L] -> cos, sin [L, head_dim] (rotate-half layout)."""
+    ang = rotary_angles(positions, head_dim // 2, base)
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
 
@@ -124,6 +133,18 @@ def causal_frame_mask(num_frames: int, chunk: int, window: int, sink: int) -> Te
     return mask
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """Fixed 2D sin-cos position code (MAE, He et al. 2022) of a grid x grid patch layout -> [grid*grid, dim]:
+    the first half of the channels encodes the row, the second half the column."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    pos = torch.arange(grid, dtype=torch.float32)[:, None] * freqs  # [grid, dim/4]
+    code = torch.cat([pos.sin(), pos.cos()], dim=1)  # [grid, dim/2]
+    rows, cols = code[:, None].expand(grid, grid, -1), code[None, :].expand(grid, grid, -1)
+    out = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
+    return F.pad(out, (0, dim - out.shape[1]))
+
+
 def videos_to_model(videos: np.ndarray) -> Tensor:
     """World videos numpy [N, T, H, W, C] in [0, 1] (float; uint8 0..255 also accepted)
     -> torch float32 [N, T, C, H, W] in [-1, 1]."""
@@ -149,11 +170,14 @@ def model_to_videos(x: Tensor) -> np.ndarray:
 class Block(nn.Module):
     """adaLN-Zero transformer block; modulation (shift, scale, gate) x (attn, mlp) is per frame."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, text_attention: bool = False, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.text_kv = nn.Linear(dim, 2 * dim) if text_attention else None
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
@@ -162,12 +186,13 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, cond, cos, sin, mask=None, cached=None, detach_from=None):
+    def forward(self, x, cond, cos, sin, mask=None, cached=None, detach_from=None, words=None):
         """x [B, N, D] tokens of F frames (N = F*n); cond [B, F, D]; cos/sin [N, d_head].
 
-        mask: optional bool [N, N]. cached: optional (k, v) [P, G, heads, M, d_head] the tokens also
+        mask: optional bool [N, keys]. cached: optional (k, v) [P, G, heads, M, d_head] the tokens also
         attend to (placed before the new keys). detach_from: tokens before this index are history whose
-        keys/values get no gradient.
+        keys/values get no gradient. words: (embeddings [B, L, D], real-word mask [B, 1, 1, L]) read by a
+        cross-attention with the same queries (its own softmax over the words; needs text_attention).
         Returns (x, (k, v)) with this block's new keys (after rotary) and values [B, heads, N, d_head].
         """
         b, n, d = x.shape
@@ -175,7 +200,7 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).unsqueeze(2).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1, f)
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         new_kv = (k, v)
         if detach_from is not None:  # keys/values of the history frames carry no gradient
             k = torch.cat([k[:, :, :detach_from].detach(), k[:, :, detach_from:]], dim=2)
@@ -186,6 +211,10 @@ class Block(nn.Module):
             k = torch.cat([ck, k.reshape(p, g, *k.shape[1:])], dim=3).flatten(0, 1)
             v = torch.cat([cv, v.reshape(p, g, *v.shape[1:])], dim=3).flatten(0, 1)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.text_kv is not None:  # every token reads the prompt words (no position: a bag of words)
+            emb, real = words
+            tk, tv = self.text_kv(emb).view(b, -1, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = a + F.scaled_dot_product_attention(q, self.k_norm(tk), tv, attn_mask=real)
         x = x + gate(self.proj(a.transpose(1, 2).reshape(b, n, d)), gate1, f)
         x = x + gate(self.mlp(modulate(self.norm2(x), shift2, scale2, f)), gate2, f)
         return x, new_kv
@@ -210,11 +239,14 @@ class VideoDiT(nn.Module):
         self.cfg = cfg
         d, p, c = cfg.dim, cfg.patch, cfg.channels
         self.patch_embed = nn.Linear(p * p * c, d)
-        self.pos_embed = nn.Parameter(torch.randn(cfg.tokens_per_frame, d) * 0.02)
+        g = cfg.size // p
+        self.pos_embed = nn.Parameter(sincos_2d(g, d) if cfg.sincos_pos else torch.randn(g * g, d) * 0.02)
         self.word_embed = nn.Embedding(len(cfg.vocab) + 1, d, padding_idx=0)
         self.text_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.heads, cfg.mlp_ratio, cfg.text_attention, cfg.qk_norm) for _ in range(cfg.depth)
+        )
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(d, 2 * d)
         self.out = nn.Linear(d, p * p * c)
@@ -253,6 +285,12 @@ class VideoDiT(nn.Module):
         pooled = (self.word_embed(prompt_ids.long()) * present).sum(1) / present.sum(1).clamp_min(1.0)
         return self.text_mlp(pooled)
 
+    def _words(self, prompt_ids: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(word embeddings [B, L, D], bool [B, 1, 1, L] True for real words) for text attention, else None."""
+        if not self.cfg.text_attention:
+            return None
+        return self.word_embed(prompt_ids.long()), (prompt_ids != 0)[:, None, None, :]
+
     def _cond(self, prompt_ids: Tensor, sigma_bt: Tensor) -> Tensor:
         """Per-frame conditioning [B, T, D] = prompt embedding + timestep embedding."""
         if prompt_ids.shape[0] != sigma_bt.shape[0]:
@@ -280,8 +318,23 @@ class VideoDiT(nn.Module):
 
     def _rotary(self, frame_positions: Tensor) -> tuple[Tensor, Tensor]:
         """Absolute frame index per frame [F] -> cos, sin per token [F*n, d_head]."""
-        pos = frame_positions.repeat_interleave(self.cfg.tokens_per_frame)
-        return rotary_cos_sin(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
+        cfg = self.cfg
+        pos = frame_positions.repeat_interleave(cfg.tokens_per_frame)
+        head_dim = cfg.dim // cfg.heads
+        if not cfg.spatial_rope:
+            return rotary_cos_sin(pos, head_dim, cfg.rope_base)
+        # 3D rotary (as in video DiTs): pairs split time : row : column = 2 : 1 : 1
+        g = cfg.size // cfg.patch
+        cell = torch.arange(cfg.tokens_per_frame, device=pos.device).repeat(len(frame_positions))
+        pairs = head_dim // 2
+        space = pairs // 4
+        ang = torch.cat([
+            rotary_angles(pos, pairs - 2 * space, cfg.rope_base),
+            rotary_angles(cell // g, space, 100.0),
+            rotary_angles(cell % g, space, 100.0),
+        ], dim=-1)
+        ang = torch.cat([ang, ang], dim=-1)
+        return ang.cos(), ang.sin()
 
     # -- the three attention patterns --
 
@@ -294,8 +347,9 @@ class VideoDiT(nn.Module):
         cond = self._cond(prompt_ids, self._frame_sigma(sigma, b, t))
         cos, sin = self._rotary(torch.arange(t, device=x.device))
         tok = self._embed(x)
+        words = self._words(prompt_ids)
         for blk in self.blocks:
-            tok, _ = blk(tok, cond, cos, sin)
+            tok, _ = blk(tok, cond, cos, sin, words=words)
         return self._unembed(tok, cond)
 
     def causal_mask(self, num_frames: int) -> Tensor:
@@ -333,10 +387,10 @@ class VideoDiT(nn.Module):
         frames = torch.arange(t, device=x_noisy.device)
         cos, sin = self._rotary(torch.cat([frames[: t - c], frames]))
         tok = self._embed(torch.cat([x_clean[:, : t - c], x_noisy], dim=1))
-        mask = self.causal_mask(t)
+        words, mask = self._words(prompt_ids), self.causal_mask(t)
         n_clean = (t - c) * self.cfg.tokens_per_frame
         for blk in self.blocks:
-            tok, _ = blk(tok, cond, cos, sin, mask=mask, detach_from=n_clean if detach_history else None)
+            tok, _ = blk(tok, cond, cos, sin, mask=mask, detach_from=n_clean if detach_history else None, words=words)
         return self._unembed(tok[:, n_clean:], cond[:, t - c :])
 
     def new_cache(self) -> RollingKVCache:
@@ -357,9 +411,10 @@ class VideoDiT(nn.Module):
         cond = self._cond(prompt_ids, self._frame_sigma(sigma, b, c))
         cos, sin = self._rotary(torch.arange(start_frame, start_frame + c, device=x.device))
         tok = self._embed(x)
+        words = self._words(prompt_ids)
         new_k, new_v = [], []
         for layer, blk in enumerate(self.blocks):
-            tok, (k, v) = blk(tok, cond, cos, sin, cached=cache.read(layer))
+            tok, (k, v) = blk(tok, cond, cos, sin, cached=cache.read(layer), words=words)
             new_k.append(k)
             new_v.append(v)
         if write:

@@ -18,20 +18,22 @@ import torch.nn.functional as F
 from policy.model import VideoDiT
 
 
-def logit_normal_t(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    return torch.sigmoid(torch.randn(shape, generator=generator))
+def logit_normal_t(shape: tuple[int, ...], generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """t = sigmoid(mean + std * N(0, 1)) (SD3, Esser et al. 2024, eq. 19)."""
+    return torch.sigmoid(mean + std * torch.randn(shape, generator=generator))
 
 
 def flow_matching_loss(
-    model: VideoDiT, x0: torch.Tensor, prompt_ids: torch.Tensor, causal: bool, generator: torch.Generator
+    model: VideoDiT, x0: torch.Tensor, prompt_ids: torch.Tensor, causal: bool, generator: torch.Generator,
+    t_mean: float = 0.0, t_std: float = 1.0,
 ) -> torch.Tensor:
     """Mean squared velocity error on one batch. x0 [B, T, C, H, W] in [-1, 1]."""
     b, frames = x0.shape[:2]
     chunk = model.cfg.chunk
     if causal:  # one noise level per chunk, shared by its frames
-        t = logit_normal_t((b, frames // chunk), generator).repeat_interleave(chunk, dim=1)
+        t = logit_normal_t((b, frames // chunk), generator, t_mean, t_std).repeat_interleave(chunk, dim=1)
     else:
-        t = logit_normal_t((b, 1), generator).expand(b, frames)
+        t = logit_normal_t((b, 1), generator, t_mean, t_std).expand(b, frames)
     eps = torch.randn(x0.shape, generator=generator)
     tt = t[:, :, None, None, None]
     xt = (1 - tt) * x0 + tt * eps
@@ -52,6 +54,8 @@ def pretrain(
     causal_fraction: float,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    t_mean: float = 0.0,
+    t_std: float = 1.0,
 ) -> VideoDiT:
     """Train `model` in place and return its EMA copy (the weights to sample from).
 
@@ -74,7 +78,7 @@ def pretrain(
         idx = torch.randint(0, videos.shape[0], (batch_size,), generator=gen)
         x0 = videos[idx].float() / 127.5 - 1.0
         causal = bool(torch.rand((), generator=gen) < causal_fraction)
-        loss = flow_matching_loss(model, x0, prompt_ids[idx], causal, gen)
+        loss = flow_matching_loss(model, x0, prompt_ids[idx], causal, gen, t_mean, t_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -18,6 +18,7 @@ Model input: torch float32 [B, T, 3, H, W] in [-1, 1]; output [B, len(dims)] flo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -69,6 +70,8 @@ class RewardModelConfig(BaseModel):
     vocab: tuple[str, ...] = Field(default_factory=_world_vocab, min_length=1, description="prompt words")
     max_words: int = Field(8, ge=1, description="prompt length in words (shorter prompts are padded)")
     vq_fraction: float = Field(0.3, gt=0.0, le=1.0, description="fraction of best frames averaged for VQ")
+    film: bool = Field(True, description="EXPERIMENT")
+    coords: bool = Field(True, description="EXPERIMENT")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RewardModelConfig":
@@ -113,8 +116,9 @@ class VideoReward(nn.Module):
         n_space = (cfg.size // p) ** 2
         tube = cfg.tubelet
         self.frame_patch = nn.Linear(3 * p * p, d)  # VQ: one frame per token
-        self.colour_patch = nn.Linear(3 * tube * p * p, d)  # TA: space-time tubelets
-        self.gray_patch = nn.Linear(tube * p * p, d)  # MQ: luma tubelets
+        extra = 2 if cfg.coords else 0
+        self.colour_patch = nn.Linear((3 + extra) * tube * p * p, d)  # TA: space-time tubelets
+        self.gray_patch = nn.Linear((1 + extra) * tube * p * p, d)  # MQ: luma tubelets
         self.space_pos = nn.Parameter(0.02 * torch.randn(n_space, d))
         self.time_pos = nn.Parameter(0.02 * torch.randn(cfg.frames // tube, d))
         self.word_embed = nn.Embedding(len(cfg.vocab) + 1, d)  # index 0 pads short prompts
@@ -124,6 +128,9 @@ class VideoReward(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.score_heads = nn.ModuleList(nn.Linear(d, 1) for _ in cfg.dims)
         self._word_index = {w: i + 1 for i, w in enumerate(cfg.vocab)}
+        if cfg.film:
+            self.film = nn.Linear(d, 2 * d)
+            nn.init.zeros_(self.film.weight), nn.init.zeros_(self.film.bias)
 
     # ---- inputs -------------------------------------------------------------------------
     @property
@@ -162,6 +169,17 @@ class VideoReward(nn.Module):
         x = frames.reshape(b, t // tube, tube, ch, h // p, p, w // p, p).permute(0, 1, 4, 6, 2, 3, 5, 7)
         return x.reshape(b, t // tube, (h // p) * (w // p), tube * ch * p * p)
 
+    @staticmethod
+    def _coords(frames: torch.Tensor) -> torch.Tensor:
+        """CoordConv channels (Liu et al. 2018): [B, T, C, H, W] in [-1, 1] -> [B, T, 2, H, W], the pixel's
+        brightest channel (0..1) times its column and row in [-1, 1]. Summed over pixels they are the
+        brightness-weighted centroid, so where the object is, and how it moves, are linear in the input."""
+        a = (frames.amax(dim=2, keepdim=True) + 1.0) / 2.0
+        h, w = frames.shape[-2:]
+        cols = torch.linspace(-1.0, 1.0, w, device=frames.device)
+        rows = torch.linspace(-1.0, 1.0, h, device=frames.device)[:, None]
+        return torch.cat([a * cols, a * rows], dim=2)
+
     def _read(self, tokens: torch.Tensor, which: int) -> torch.Tensor:
         """Append query token `which`, run the trunk, return its head's scalar: [B, L, d] -> [B]."""
         q = self.queries[which].expand(tokens.shape[0], 1, -1)
@@ -176,7 +194,11 @@ class VideoReward(nn.Module):
         self._check(video, prompts)
         video = video.float()
         b, t = video.shape[:2]
-        text = self.word_embed(self.tokenize(prompts).to(video.device)) + self.word_pos
+        ids = self.tokenize(prompts).to(video.device)
+        text = self.word_embed(ids) + self.word_pos
+        if self.cfg.film:
+            keep = (ids > 0).float().unsqueeze(-1)
+            gamma, beta = self.film((text * keep).sum(1) / keep.sum(1).clamp(min=1)).chunk(2, dim=-1)
         out = []
         for i, dim in enumerate(self.cfg.dims):
             if dim == "vq":  # each frame alone, then Astrolabe top-30 % pooling
@@ -185,10 +207,16 @@ class VideoReward(nn.Module):
                 out.append(top_fraction_mean(per_frame, self.cfg.vq_fraction))
                 continue
             if dim == "mq":  # luma only: motion, not colour
-                tok = self.gray_patch(self._patches(to_grayscale(video).unsqueeze(2), self.cfg.tubelet))
+                gray = to_grayscale(video).unsqueeze(2)
+                if self.cfg.coords:
+                    gray = torch.cat([gray, self._coords(gray)], dim=2)
+                tok = self.gray_patch(self._patches(gray, self.cfg.tubelet))
             else:  # "ta"
-                tok = self.colour_patch(self._patches(video, self.cfg.tubelet))
+                colour = torch.cat([video, self._coords(video)], dim=2) if self.cfg.coords else video
+                tok = self.colour_patch(self._patches(colour, self.cfg.tubelet))
             tok = tok + self.space_pos + self.time_pos[:, None]
+            if self.cfg.film:
+                tok = tok * (1 + gamma[:, None, None]) + beta[:, None, None]
             out.append(self._read(torch.cat([text, tok.reshape(b, -1, self.cfg.dim)], dim=1), i))
         return torch.stack(out, dim=1)
 
@@ -342,11 +370,88 @@ def preference_loss(model: VideoReward, pairs: PreferencePairs,
     raise ValueError(f"loss must be 'regression', 'bt' or 'btt', got {loss!r}")
 
 
+def warmup_cosine(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Learning-rate factor in (0, 1] at `step` of `steps`: linear warm-up over the first `warmup` share,
+    then a half cosine that reaches 0 after the last step (SGDR, Loshchilov & Hutter 2017, one cycle)."""
+    ramp = max(1, int(round(warmup * steps)))
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1.0 + math.cos(math.pi * (step - ramp + 1) / max(1, steps - ramp + 1)))
+
+
+# ---- label-preserving symmetries of the embedded world ---------------------------------------
+
+def _colour_words() -> dict[str, tuple[float, float, float]]:
+    from rewards.world import COLOURS  # the palette is closed under RGB channel permutations
+
+    return {name: tuple(float(c) for c in rgb) for name, rgb in COLOURS.items()}
+
+
+# (RGB channel order, mirror left-right): 6 x 2 symmetries; index 0 is the identity.
+WORLD_SYMMETRIES: tuple[tuple[tuple[int, int, int], bool], ...] = tuple(
+    itertools.product(itertools.permutations(range(3)), (False, True)))
+_MIRROR_WORDS = {"left": "right", "right": "left"}
+
+
+def symmetric_prompt(prompt: str, symmetry: int) -> str:
+    """The prompt a world clip answers after `WORLD_SYMMETRIES[symmetry]`: colour words follow the channel
+    permutation (red -> green ..., white stays), "left" and "right" swap under the mirror; other words stay."""
+    perm, mirror = WORLD_SYMMETRIES[symmetry]
+    colours = _colour_words()
+    by_rgb = {rgb: name for name, rgb in colours.items()}
+    words = []
+    for w in str(getattr(prompt, "text", prompt)).split():
+        if w in colours:
+            w = by_rgb[tuple(colours[w][c] for c in perm)]
+        elif mirror:
+            w = _MIRROR_WORDS.get(w, w)
+        words.append(w)
+    return " ".join(words)
+
+
+def apply_symmetry(videos: np.ndarray, symmetry: int) -> np.ndarray:
+    """World videos [N, T, H, W, 3] -> the same clips under `WORLD_SYMMETRIES[symmetry]` (a view when possible)."""
+    perm, mirror = WORLD_SYMMETRIES[symmetry]
+    out = np.asarray(videos)[..., list(perm)]
+    return out[:, :, :, ::-1] if mirror else out
+
+
+def augment_pairs(pairs: "PreferencePairs", rng: np.random.Generator, allowed: dict[str, list[int]]) -> "PreferencePairs":
+    """Each pair under one random world symmetry (both clips and the prompt alike), drawn among
+    `allowed[prompt]`: the symmetries that map its prompt onto another TRAINING prompt, so augmentation
+    never shows the model a held-out (or validation) prompt.
+
+    The oracle is exactly invariant to these symmetries (it measures colour distance, alpha = max over
+    RGB and mirror-symmetric geometry; tests check it), so labels and scores carry over unchanged.
+    Colour permutations turn "red is right for red" into a rule about colours in general, which is what
+    held-out colour-shape combinations need.
+    """
+    va, vb, prompts = [], [], []
+    for i, p in enumerate(pairs.prompts):
+        k = int(rng.choice(allowed[p]))
+        va.append(apply_symmetry(pairs.video_a[i:i + 1], k)[0])
+        vb.append(apply_symmetry(pairs.video_b[i:i + 1], k)[0])
+        prompts.append(symmetric_prompt(p, k))
+    return PreferencePairs(np.stack(va), np.stack(vb), prompts, pairs.labels, pairs.score_a, pairs.score_b)
+
+
+def allowed_symmetries(prompts) -> dict[str, list[int]]:
+    """For each distinct prompt, the indices of WORLD_SYMMETRIES that map it onto a prompt in `prompts`
+    (always including 0, the identity)."""
+    known = set(prompts)
+    return {p: [k for k in range(len(WORLD_SYMMETRIES)) if symmetric_prompt(p, k) in known] for p in known}
+
+
 def train_reward_model(model: VideoReward, pairs, loss: Literal["regression", "bt", "btt"] = "btt",
                        steps: int = 200, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                       progress: bool = True) -> list[float]:
+                       progress: bool = True, warmup: float = 0.05, augment: bool = False) -> list[float]:
     """Train `model` in place with AdamW on random mini-batches of pairs (`seed` draws the batches);
-    returns the loss per step. `pairs` is a `PreferencePairs` or a dict of its fields."""
+    returns the loss per step. `pairs` is a `PreferencePairs` or a dict of its fields.
+
+    The learning rate rises linearly over the first `warmup` share of the steps, then follows a cosine
+    to zero (a short run gets most of its accuracy from the decay at the end).
+    augment: show each pair under a random label-preserving world symmetry (`augment_pairs`) that keeps
+    its prompt among the training pairs' prompts; only for the embedded world's prompts."""
     pairs = _as_pairs(pairs)
     if pairs.labels.shape[1] != len(model.cfg.dims):
         raise ValueError(f"labels have {pairs.labels.shape[1]} dimensions, the model scores {model.cfg.dims}")
@@ -355,13 +460,21 @@ def train_reward_model(model: VideoReward, pairs, loss: Literal["regression", "b
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}")
     rng = np.random.default_rng(seed)
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be a share of the steps in [0, 1), got {warmup}")
+    allowed = allowed_symmetries(pairs.prompts) if augment else {}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
     history = []
     bar = tqdm(range(steps), desc=f"reward model ({loss})", disable=not progress, unit="step")
-    for _ in bar:
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * warmup_cosine(step, steps, warmup)
         idx = rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False)
-        value = preference_loss(model, pairs.subset(idx), loss)
+        batch = pairs.subset(idx)
+        if augment:
+            batch = augment_pairs(batch, rng, allowed)
+        value = preference_loss(model, batch, loss)
         opt.zero_grad()
         value.backward()
         opt.step()
