@@ -156,6 +156,37 @@ def cmd_bench_kvcache(args) -> None:
     print(f"\nwrote {path}")
 
 
+def cmd_bench_pipeline(args) -> None:
+    from orchestrator import bench
+    from orchestrator.cluster import connect
+    from orchestrator.tables import format_table, write_json
+
+    cfg = _config(args)
+    connect(cfg, args.address)
+    result = {}
+    if args.mode in ("real", "both"):
+        real = bench.real_pipeline(cfg, steps=args.steps, warmup_steps=args.warmup_steps)
+        print(f"real: the same work synchronously and through the actor pipeline ({real['note']})")
+        print(format_table(real["rows"], bench.REAL_COLUMNS) + f"\npipeline / synchronous = {real['ratio']:.2f}\n")
+        result["real"] = real
+    if args.mode in ("simulated", "both"):
+        kw = dict(rollout_s=args.rollout_s, reward_s=args.reward_s, reward_replicas=args.reward_replicas,
+                  learner_s=args.learner_s, groups_per_step=args.groups_per_step, max_staleness=args.max_staleness)
+        if args.scale_at:
+            scale_at = dict(map(int, item.split("=")) for item in args.scale_at)
+            run = bench.simulated_pipeline(args.actors[-1], steps=args.sim_steps or 12, scale_at=scale_at, **kw)
+            print(format_table(run["steps"], bench.SIM_STEP_COLUMNS))
+            print(f"reward throughput: {run['reward_scaling']}")
+            result["simulated"] = run
+        else:
+            sweep = bench.simulated_sweep(tuple(args.actors), **kw)
+            print("simulated device time: efficiency = achieved / bound of the slowest stage")
+            print(format_table(sweep["rows"], bench.SIM_COLUMNS))
+            result["simulated"] = sweep
+    path = write_json(result, Path(args.out) / "bench_pipeline.json")
+    print(f"\nwrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videorl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -198,6 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(func=cmd_bench_kvcache)
+    p = bsub.add_parser("pipeline", help="synchronous vs actor pipeline throughput; simulated-device efficiency")
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--mode", choices=["real", "simulated", "both"], default="both")
+    p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--steps", type=int, default=10, help="real mode: learner steps per loop")
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="simulated: rollout actor counts")
+    p.add_argument("--rollout-s", type=float, default=1.0, help="simulated seconds per rollout group")
+    p.add_argument("--reward-s", type=float, default=0.02, help="simulated seconds per reward batch")
+    p.add_argument("--reward-replicas", type=int, default=2)
+    p.add_argument("--learner-s", type=float, default=0.05, help="simulated seconds per learner step")
+    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--max-staleness", type=int, default=2)
+    p.add_argument("--sim-steps", type=int, help="simulated steps when scaling (default 12)")
+    p.add_argument("--scale-at", action="append", metavar="STEP=REPLICAS",
+                   help="simulated: set the reward replicas at a step (one run at the largest --actors)")
+    p.set_defaults(func=cmd_bench_pipeline)
     return parser
 
 

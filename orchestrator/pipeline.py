@@ -164,7 +164,7 @@ class Pipeline:
         otherwise each drop would shrink the window of groups in flight for good, and after
         (max_staleness + 1) * groups_per_step drops no rollout could start again."""
         self.ledger.drop(gid, reason)
-        self.staleness.started -= 1
+        self.staleness.release()
 
     def pump(self, learner_version: int, timeout: float = 0.0) -> None:
         self._start_rollouts(learner_version)

@@ -31,5 +31,9 @@ class StalenessManager:
     def start(self, n: int = 1) -> None:
         self.started += n
 
+    def release(self, n: int = 1) -> None:
+        """A started group was dropped (stale, bad data): its slot goes back, or the window would shrink for good."""
+        self.started -= n
+
     def is_stale(self, group_version: int, learner_version: int) -> bool:
         return learner_version - group_version > self.max_staleness

@@ -1,0 +1,292 @@
+"""`videorl bench pipeline`: what the actor pipeline buys over a synchronous loop, and what it costs.
+
+Two measurements (both need a connected Ray cluster; neither prints):
+- real: the same work done twice in one process -- synchronously (rollout every group, then score
+  them, then one learner step, as flow_grpo and DanceGRPO do) and through the actor pipeline
+  (rollout actors -> reward pool -> learner actor, rollout running ahead within the staleness
+  bound). Both use an untrained VideoDiT (time per step does not depend on the weights) and the
+  oracle reward, so nothing needs to be cached. Reported: clips/s each way and their ratio.
+- simulated: the real Pipeline, RewardPool, StalenessManager and Ledger drive actors whose device
+  time is a given sleep (actors/simulated.py), so orchestration overhead is measured, not CPU
+  contention. Reported: steady-state groups/s against the bound of the slowest stage,
+      bound = min(n_rollout / rollout_s, reward_replicas / reward_s, groups_per_step / learner_s),
+  efficiency = achieved / bound, per-stage utilisation and the ledger balance. `scale_at` resizes
+  the reward pool mid-run (`RewardPool.scale_to`) and reports reward throughput before and after.
+Throughput is counted in steady state: from the end of step `warmup_steps` to the end of the run;
+actor start-up is excluded (every actor answers a ping before the clock starts).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from orchestrator.ledger import Ledger
+from orchestrator.pipeline import Pipeline, PromptCursor
+from orchestrator.reward_pool import RewardPool
+from orchestrator.staleness import StalenessManager
+
+SIM_COLUMNS = ["rollout_actors", "bound_groups_per_s", "groups_per_s", "efficiency", "util_rollout", "util_reward",
+               "util_learner", "stale_drops", "balanced", "seconds"]
+SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
+REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
+
+
+def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: str, pool: RewardPool | None = None,
+          scale_at: dict[int, int] | None = None) -> list[dict]:
+    """The training loop's shape (orchestrator/train.py) without metrics: next_batch -> learner.train_step
+    (the pipeline pumped while it runs) -> publish the new weights -> consume. `scale_at` {step: n} calls
+    pool.scale_to(n) as that step begins, without waiting for new replicas to start.
+
+    Returns one mark per step boundary (len steps + 1): {"t": perf_counter s, "scored": batches the
+    pool has scored, "busy": rollout busy seconds, "replicas": pool size during the step that ended,
+    "replicas_up": whether every replica added so far has answered a ping}.
+    """
+    scale_at, starting = scale_at or {}, []
+
+    def mark() -> dict:
+        up = not starting or len(ray.wait(starting, num_returns=len(starting), timeout=0)[0]) == len(starting)
+        return {"t": time.perf_counter(), "scored": pool.counters.scored if pool else 0, "busy": pipe.rollout_busy_s,
+                "replicas": pool.size if pool else 0, "replicas_up": up}
+
+    pipe.publish(0, learner.weights.remote())
+    marks = [mark()]
+    for step in range(steps):
+        if step in scale_at:
+            known = set(pool.replicas)
+            pool.scale_to(scale_at[step])
+            starting += [h.ping.remote() for name, h in pool.replicas.items() if name not in known]
+        batch = pipe.next_batch(groups_per_step, learner_version=step)
+        update = learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch], primary, {}, {})
+        while not ray.wait([update], timeout=0.02)[0]:
+            pipe.pump(step)  # rollout and reward keep moving while the learner trains
+        ray.get(update)
+        pipe.publish(step + 1, learner.weights.remote())
+        for g in batch:
+            pipe.ledger.consume(g.gid)
+        marks.append(mark())
+    return marks
+
+
+def _rate(marks: list[dict], a: int, b: int, key: str) -> float | None:
+    """Per-second increase of marks[.][key] between step boundaries a < b (None for an empty window)."""
+    if b <= a:
+        return None
+    return (marks[b][key] - marks[a][key]) / (marks[b]["t"] - marks[a]["t"])
+
+
+def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float = 0.02, reward_replicas: int = 2,
+                       learner_s: float = 0.05, groups_per_step: int = 8, max_staleness: int = 2, steps: int = 6,
+                       warmup_steps: int = 1, scale_at: dict[int, int] | None = None, per_worker: int = 2) -> dict:
+    """One simulated run (groups of one clip) -> JSON-able dict: "row" (SIM_COLUMNS), "steps" (SIM_STEP_COLUMNS
+    per step), and, with `scale_at` {step: replicas}, "reward_scaling": reward groups/s before and after each resize.
+    Durations are seconds of device time per group (rollout, reward) and per learner step; `per_worker` is the
+    Pipeline's rollouts queued per actor (train_loop uses its default, 2)."""
+    if n_rollout < 1 or reward_replicas < 1 or groups_per_step < 1 or max_staleness < 0:
+        raise ValueError(f"need n_rollout, reward_replicas, groups_per_step >= 1 and max_staleness >= 0, got "
+                         f"{n_rollout}, {reward_replicas}, {groups_per_step}, {max_staleness}")
+    if min(rollout_s, reward_s, learner_s) <= 0:
+        raise ValueError(f"stage durations must be > 0 s, got rollout_s={rollout_s}, reward_s={reward_s}, learner_s={learner_s}")
+    if not 0 <= warmup_steps < steps:
+        raise ValueError(f"need 0 <= warmup_steps < steps, got warmup_steps={warmup_steps}, steps={steps}")
+    scale_at = {int(k): int(v) for k, v in (scale_at or {}).items()}
+    if any(not 0 <= k < steps or v < 1 for k, v in scale_at.items()):
+        raise ValueError(f"scale_at needs {{step in [0, {steps}): replicas >= 1}}, got {scale_at}")
+    from actors.simulated import simulated_learner_actor, simulated_reward_actor, simulated_rollout_actor
+
+    rollouts = [simulated_rollout_actor(i, rollout_s) for i in range(n_rollout)]
+    pool = RewardPool("simulated", lambda name: simulated_reward_actor(name, reward_s), reward_replicas)
+    learner = simulated_learner_actor(learner_s)
+    try:
+        ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values(), learner]])  # start-up is not measured
+        ledger = Ledger()
+        pipe = Pipeline(rollouts, {"simulated": pool}, {"simulated": ["score"]}, PromptCursor(["simulated"], 0),
+                        StalenessManager(groups_per_step, max_staleness), ledger, seed=0, per_worker=per_worker)
+        marks = drive(pipe, learner, steps, groups_per_step, "score", pool=pool, scale_at=scale_at)
+        held_balance = ledger.balance(pipe.held())
+        pipe.close()
+    finally:
+        pool.shutdown()
+        for handle in [*rollouts, learner]:
+            ray.kill(handle, no_restart=True)
+
+    w, end = warmup_steps, steps
+    window = marks[end]["t"] - marks[w]["t"]
+    achieved = (end - w) * groups_per_step / window
+
+    def bound_at(replicas: int) -> float:  # groups/s of the slowest stage
+        return min(n_rollout / rollout_s, replicas / reward_s, groups_per_step / learner_s)
+
+    # with scale_at the bound moves: the ideal time is each step's groups at that step's bound
+    ideal_s = sum(groups_per_step / bound_at(marks[i]["replicas"]) for i in range(w + 1, end + 1))
+    bound = (end - w) * groups_per_step / ideal_s
+    replica_seconds = sum(marks[i]["replicas"] * (marks[i]["t"] - marks[i - 1]["t"]) for i in range(w + 1, end + 1))
+    balance = ledger.balance(set())
+    row = {
+        "rollout_actors": n_rollout, "bound_groups_per_s": bound, "groups_per_s": achieved, "efficiency": achieved / bound,
+        # busy seconds of the rollouts collected inside the window (rollouts finishing in waves alias at its edges)
+        "util_rollout": (marks[end]["busy"] - marks[w]["busy"]) / (n_rollout * window),
+        "util_reward": (marks[end]["scored"] - marks[w]["scored"]) * reward_s / replica_seconds,
+        "util_learner": (end - w) * learner_s / window,
+        "stale_drops": balance.get("dropped_stale", 0), "balanced": held_balance["balanced"] and balance["balanced"],
+        "seconds": round(marks[end]["t"] - marks[0]["t"], 2),
+    }
+    per_step = [{"step": i - 1, "seconds": marks[i]["t"] - marks[i - 1]["t"], "reward_replicas": marks[i]["replicas"],
+                 "reward_groups_per_s": _rate(marks, i - 1, i, "scored"),
+                 "groups_per_s": groups_per_step / (marks[i]["t"] - marks[i - 1]["t"])} for i in range(1, end + 1)]
+    out = {"mode": "simulated", "row": row, "steps": per_step, "ledger": balance, "ledger_before_close": held_balance,
+           "settings": {"rollout_s": rollout_s, "reward_s": reward_s, "reward_replicas": reward_replicas,
+                        "learner_s": learner_s, "groups_per_step": groups_per_step, "max_staleness": max_staleness,
+                        "steps": steps, "warmup_steps": warmup_steps, "per_worker": per_worker,
+                        "scale_at": {str(k): v for k, v in scale_at.items()}}}
+    if scale_at:
+        # before: from the end of warm-up (or of the previous resize's window) to the resize; after: from the
+        # first step boundary at which the new replicas are up (start-up excluded) to the next resize or the end
+        cuts = sorted(scale_at)
+        out["reward_scaling"] = []
+        for i, s in enumerate(cuts):
+            stop = cuts[i + 1] if i + 1 < len(cuts) else end
+            up = next((j for j in range(s + 1, stop + 1) if marks[j]["replicas_up"]), stop)
+            out["reward_scaling"].append({
+                "step": s, "replicas": scale_at[s], "after_from_step": up,
+                "reward_groups_per_s_before": _rate(marks, max(w, cuts[i - 1] + 1 if i else 0), s, "scored"),
+                "reward_groups_per_s_after": _rate(marks, up, stop, "scored")})
+    return out
+
+
+def simulated_sweep(actor_counts: tuple[int, ...] = (1, 2, 4, 8, 16), measure_s: float = 4.0, warmup_steps: int = 1,
+                    min_measured_steps: int = 3, steps: int | None = None, **kwargs) -> dict:
+    """simulated_pipeline at each rollout actor count -> {"mode", "rows": [SIM_COLUMNS row per count], "runs"}.
+    Each point measures >= `measure_s` s of work at the bound rate (and >= min_measured_steps steps) unless `steps`
+    fixes the count (needed with scale_at). kwargs go to simulated_pipeline."""
+    gps = kwargs.get("groups_per_step", 8)
+    runs = []
+    for n in actor_counts:
+        bound = min(n / kwargs.get("rollout_s", 1.0), kwargs.get("reward_replicas", 2) / kwargs.get("reward_s", 0.02),
+                    gps / kwargs.get("learner_s", 0.05))
+        n_steps = steps or warmup_steps + max(min_measured_steps, math.ceil(measure_s * bound / gps))
+        runs.append(simulated_pipeline(n, steps=n_steps, warmup_steps=warmup_steps, **kwargs))
+    return {"mode": "simulated", "rows": [r["row"] for r in runs], "runs": runs}
+
+
+# -- real mode -------------------------------------------------------------------------------------
+
+def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
+    """The same work (cfg.train.groups_per_step groups of cfg.rollout.group_size clips per step, same prompts and
+    seeds) synchronously and through the actors -> {"rows": REAL_COLUMNS rows, "synchronous": ..., "pipeline": ...}.
+    Uses an untrained VideoDiT(cfg.model) and the oracle reward; the Ray cluster must be connected."""
+    from orchestrator.config import Config
+
+    if not isinstance(cfg, Config):
+        raise ValueError(f"real_pipeline needs an orchestrator.config.Config, got {type(cfg).__name__}")
+    if not 0 <= warmup_steps < steps:
+        raise ValueError(f"need 0 <= warmup_steps < steps, got warmup_steps={warmup_steps}, steps={steps}")
+    from orchestrator.inputs import training_prompts
+
+    prompts = training_prompts(cfg)
+    sync = _synchronous(cfg, prompts, steps, warmup_steps)
+    actor = _actor_pipeline(cfg, prompts, steps, warmup_steps)
+    clips = cfg.train.groups_per_step * cfg.rollout.group_size
+    rows = []
+    for name, res in (("synchronous", sync), ("actor pipeline", actor)):
+        rows.append({"loop": name, "clips_per_s": res["clips_per_s"], "seconds_per_step": clips / res["clips_per_s"],
+                     "ratio_vs_sync": res["clips_per_s"] / sync["clips_per_s"], "measured_steps": steps - warmup_steps,
+                     "clips": (steps - warmup_steps) * clips})
+    return {"mode": "real", "rows": rows, "ratio": actor["clips_per_s"] / sync["clips_per_s"],
+            "synchronous": sync, "pipeline": actor,
+            "note": "untrained VideoDiT(cfg.model) and the oracle reward: time per step does not depend on the weights",
+            "settings": {"steps": steps, "warmup_steps": warmup_steps, "groups_per_step": cfg.train.groups_per_step,
+                         "group_size": cfg.rollout.group_size, "rollout_workers": cfg.ray.rollout_workers,
+                         "max_staleness": cfg.train.max_staleness, "sampler": cfg.rollout.sampler,
+                         "rollout_steps": cfg.rollout.steps, "mode": cfg.rollout.mode, "loss": cfg.learner.loss,
+                         "threads": cfg.threads}}
+
+
+def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
+    """flow_grpo / DanceGRPO order in one process: generate all groups, score them, one learner step, sync weights."""
+    from policy.learner import Learner, ScoredGroup
+    from policy.model import VideoDiT
+    from policy.rollout import RolloutWorker, trajectory_from_payload
+    from policy.text import WordTokenizer
+    from rewards.scorer import RewardScorer
+
+    r, gps = cfg.rollout, cfg.train.groups_per_step
+    learner = Learner(VideoDiT(cfg.model), cfg.learner, steps, cfg.train.seed)
+    worker = RolloutWorker(cfg.model.model_dump(mode="json"), mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps,
+                           shift=r.shift, group_size=r.group_size)
+    scorer = RewardScorer("oracle", frame_shape=(cfg.model.frames, cfg.model.size, cfg.model.size, 3))
+    tokenizer = WordTokenizer(cfg.model.vocab)
+    cursor, n = PromptCursor(prompts, cfg.train.seed), 0
+    stage = {"rollout": 0.0, "reward": 0.0, "learner": 0.0}
+    worker.set_weights(0, learner.weights())
+    marks = [time.perf_counter()]
+    for step in range(steps):
+        t0 = time.perf_counter()
+        made = []
+        for _ in range(gps):
+            gid, seed = f"g{n:06d}", cfg.train.seed * 1_000_003 + n  # the pipeline's ids and seeds
+            made.append(worker.generate(gid, cursor.next(), seed))
+            n += 1
+        t1 = time.perf_counter()
+        groups = []
+        for batch, payload, _ in made:
+            scores = scorer.score(batch["videos"], batch["prompts"], batch["ids"])
+            groups.append(ScoredGroup(payload["group_id"], tokenizer.encode([payload["prompt"]]),
+                                      trajectory_from_payload(payload), dict(zip(scorer.dims, scores.T)), payload["version"]))
+        t2 = time.perf_counter()
+        learner.step(groups, "ta", {}, {})
+        worker.set_weights(step + 1, learner.weights())
+        t3 = time.perf_counter()
+        marks.append(t3)
+        if step >= warmup_steps:
+            for key, dt in (("rollout", t1 - t0), ("reward", t2 - t1), ("learner", t3 - t2)):
+                stage[key] += dt
+    measured = steps - warmup_steps
+    window = marks[steps] - marks[warmup_steps]
+    return {"clips_per_s": measured * gps * r.group_size / window, "seconds": window,
+            "stage_seconds_per_step": {k: v / measured for k, v in stage.items()}}
+
+
+def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
+    """Rollout actors + an oracle reward pool + a learner actor (as in orchestrator/cluster.py), driven like train_loop."""
+    from actors.learner import learner_actor
+    from actors.reward import reward_actor
+    from actors.rollout import rollout_actor
+    from orchestrator.config import RewardModelSpec
+    from policy.model import VideoDiT
+
+    r, gps = cfg.rollout, cfg.train.groups_per_step
+    spec = next((s for s in cfg.rewards.models.values() if s.kind == "oracle"), RewardModelSpec(kind="oracle", num_cpus=0.1))
+    model_cfg = cfg.model.model_dump(mode="json")
+    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size)
+    rollouts = [rollout_actor(i, model_cfg, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus, num_gpus=cfg.ray.rollout_gpus)
+                for i in range(cfg.ray.rollout_workers)]
+    pool = RewardPool("oracle", lambda name: reward_actor(name, "oracle", None, num_cpus=spec.num_cpus,
+                                                          num_gpus=spec.num_gpus), spec.replicas)
+    learner = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.safetensors"
+            VideoDiT(cfg.model).save(path)  # untrained: the learner actor loads weights from a file
+            learner = learner_actor(model_cfg, str(path), cfg.learner.model_dump(), steps, cfg.train.seed,
+                                    num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, threads=cfg.threads)
+            ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values()]] + [learner.version.remote()])
+        ledger = Ledger()
+        pipe = Pipeline(rollouts, {"oracle": pool}, {"oracle": ["vq", "mq", "ta"]}, PromptCursor(prompts, cfg.train.seed),
+                        StalenessManager(gps, cfg.train.max_staleness), ledger, seed=cfg.train.seed,
+                        group_size=r.group_size)
+        marks = drive(pipe, learner, steps, gps, "ta", pool=pool)
+        pipe.close()
+    finally:
+        pool.shutdown()
+        for handle in [*rollouts, *([learner] if learner is not None else [])]:
+            ray.kill(handle, no_restart=True)
+    window = marks[steps]["t"] - marks[warmup_steps]["t"]
+    balance = ledger.balance(set())
+    return {"clips_per_s": (steps - warmup_steps) * gps * r.group_size / window, "seconds": window,
+            "util_rollout": (marks[steps]["busy"] - marks[warmup_steps]["busy"]) / (len(rollouts) * window),
+            "ledger": balance}
