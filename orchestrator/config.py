@@ -191,17 +191,38 @@ def _format_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read YAML at `path` (default configs/tiny.yaml), apply overrides, validate."""
-    path = Path(path) if path else default_config_path()
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a dict; `base: other.yaml` (relative to this file) is read first and deep-merged under it."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml(path.parent / base, (*seen, path.resolve()))
+    _deep_merge(merged, raw)
+    return merged
+
+
+def _deep_merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML at `path` (default configs/tiny.yaml), apply overrides, validate."""
+    path = Path(path) if path else default_config_path()
+    raw = _read_yaml(path)
     for text in overrides:
         apply_override(raw, *parse_override(text))
     raw.setdefault("model", {}).setdefault("vocab", VOCAB)

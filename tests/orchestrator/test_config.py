@@ -80,3 +80,18 @@ def test_cli_user_errors_exit_nonzero_with_one_line(args, message):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_ablation_configs_extend_tiny_and_differ_only_in_the_controller():
+    pid, dual = load_config(ROOT / "configs/ablation_pid.yaml"), load_config(ROOT / "configs/ablation_dual.yaml")
+    tiny = load_config()
+    assert pid.constraints.controller == "pid" and dual.constraints.controller == "dual"
+    for cfg in (pid, dual):
+        assert cfg.train.steps == tiny.train.steps and cfg.model == tiny.model and cfg.rollout == tiny.rollout
+
+
+def test_base_include_cycle_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
