@@ -8,6 +8,7 @@ Every subcommand takes `--config PATH` (default configs/tiny.yaml) and trailing
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -138,6 +139,40 @@ def cmd_scale(args) -> None:
     print(f"requested {wanted}; the job applies it at its next learner step (now: {ray.get(control.get_status.remote())})")
 
 
+def cmd_reward(args) -> None:
+    from orchestrator.config import cache_dir
+    from orchestrator.pretraining import ensure_base_model
+    from orchestrator.reward_training import (ensure_engagement_model, ensure_preference_data, ensure_reward_model,
+                                              reward_bench)
+    from orchestrator.tables import format_table, write_json
+    from rewards.preference import summary
+
+    cfg = _config(args)
+    r, cache, out = cfg.rewards, cache_dir(cfg), Path(args.out)
+    base = ensure_base_model(cfg)
+    if args.action == "train" and args.model == "engagement":
+        path, metrics = ensure_engagement_model(r.engagement, base, cache, force=args.force, mode=cfg.rollout.mode,
+                                                steps=cfg.rollout.steps)
+        print(format_table([{"predictor": k.removeprefix("auc_"), "held-out AUC": v} for k, v in metrics.items()
+                            if k.startswith("auc")]))
+        print(f"engagement predictor: {path}")
+        write_json(metrics, out / "engagement.json")
+        return
+    data = ensure_preference_data(r.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps, force=args.force and args.action == "data")
+    if args.action == "data":
+        print(json.dumps(summary(data), indent=2))
+        print(f"preference data: {data}")
+    elif args.action == "train":
+        path = ensure_reward_model(r.reward_model, data, cache, loss=args.loss, force=args.force)
+        print(f"reward model ({args.loss or r.reward_model.loss}): {path}")
+    else:  # bench
+        dirs = {loss: ensure_reward_model(r.reward_model, data, cache, loss=loss) for loss in args.losses}
+        rows, result = reward_bench(dirs, data)
+        print("held-out pairwise accuracy (a tie counts right when |delta| is under the model's tie threshold)")
+        print(format_table(rows))
+        print(f"wrote {write_json(result, out / 'reward_bench.json')}")
+
+
 def cmd_bench_kvcache(args) -> None:
     from orchestrator.config import base_checkpoint_dir
     from orchestrator.pretraining import CHECKPOINT
@@ -212,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "RL post-training on a Ray cluster (default: configs/tiny.yaml on a local cluster)")
     p.add_argument("--address", help="Ray cluster address (default: ray.address, $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest good checkpoint")
+
+    reward = sub.add_parser("reward", help="preference data, reward models, engagement predictor, reward bench")
+    rsub = reward.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_text in (("data", "build oracle-labelled preference pairs (cached)"),
+                              ("train", "train a VideoReward model (or the engagement predictor), cached"),
+                              ("bench", "held-out pairwise accuracy of each loss, with and without ties")):
+        p = rsub.add_parser(action, help=help_text, description=help_text)
+        p.add_argument("--config")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+        p.add_argument("--out", default="runs/reward")
+        p.add_argument("--force", action="store_true", help="rebuild even when cached")
+        p.set_defaults(func=cmd_reward)
+        if action == "train":
+            p.add_argument("--loss", choices=["regression", "bt", "btt"], help="default rewards.reward_model.loss")
+            p.add_argument("--model", choices=["videoreward", "engagement"], default="videoreward")
+        if action == "bench":
+            p.add_argument("--losses", nargs="+", default=["regression", "bt", "btt"], choices=["regression", "bt", "btt"])
 
     p = add("calibrate", cmd_calibrate, "SCRL thresholds: score base-model samples, write tau = mu + k sigma per profile")
     p.add_argument("--seed", type=int, help="sampling seed (default rewards.calibration.seed)")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator.autoscale import AutoscaleConfig
 from orchestrator.chaos import ChaosConfig
+from orchestrator.reward_training import EngagementConfig, RewardTrainConfig
 from policy.learner import LearnerConfig
 from policy.model import ModelConfig
 from rewards.constraints import ConstraintsConfig
@@ -93,6 +94,8 @@ class RewardsConfig(Section):
     models: dict[str, RewardModelSpec] = Field(default_factory=_default_reward_models)
     profile: str = "video_generation"  # configs/profiles/<name>.yaml or a path: primary reward and constraints
     preference: PreferenceDataConfig = PreferenceDataConfig()
+    reward_model: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+    engagement: EngagementConfig = EngagementConfig()
     calibration: CalibrationConfig = CalibrationConfig()
 
 

@@ -156,6 +156,41 @@ class EngagementPredictor(nn.Module):
         pooled = torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1)
         return self.head(pooled).squeeze(-1)
 
+    def save(self, file) -> None:
+        """Write the weights to a safetensors `file`, atomically (temp + rename)."""
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        file = Path(file)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, file) -> "EngagementPredictor":
+        """Rebuild from a safetensors file written by `save` (the width is read from tensor `net.0.weight`);
+        a file that is not an EngagementPredictor, or has a missing or mis-shaped tensor, is a ValueError."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+        if "net.0.weight" not in state:
+            raise ValueError(f"{file}: not an EngagementPredictor checkpoint (no tensor 'net.0.weight')")
+        model = cls(width=state["net.0.weight"].shape[0])
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # strict: names the missing, unexpected or mis-shaped tensor
+            raise ValueError(f"{file}: {e}") from None
+        return model.eval()
+
     @torch.no_grad()
     def predict(self, videos: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """World videos [N, T, H, W, 3] -> predicted click probability [N] float32 (the dense reward)."""

@@ -61,7 +61,12 @@ SPLITS = ("train", "val", "heldout")
 PairKind = Literal["base-base", "base-degraded", "degraded-degraded", "truth-base", "truth-degraded"]
 PAIR_KINDS: tuple[str, ...] = PairKind.__args__
 DEFAULT_MIX = {"base-base": 0.3, "base-degraded": 0.25, "degraded-degraded": 0.2, "truth-base": 0.15,
-               "truth-degraded": 0.1}
+               "truth-degraded": 0.1}  # make_pairs' default
+# PreferenceDataConfig's default: truth-degraded and degraded-degraded pairs are where one property (colour,
+# direction, speed, smoothness) differs while the others do not; a learned reward model needs many of them
+# to learn alignment rather than "clean looks good" (orchestrator/reward_training.py's benchmark measures it).
+DATA_MIX = {"base-base": 0.15, "base-degraded": 0.15, "degraded-degraded": 0.25, "truth-base": 0.1,
+            "truth-degraded": 0.35}
 # The same names as policy.sde.SDE_TYPES, spelled out so this module needs no torch.
 SDEType = Literal["ode", "flow_grpo", "dance_grpo", "sage", "cps"]
 POOL_COLUMNS = ("prompt", "source", "sampler", "eta", "degradation", "strength", "vq", "mq", "ta", "overall")
@@ -93,8 +98,9 @@ class SamplerSpec(BaseModel):
 
 
 class PreferenceDataConfig(BaseModel):
-    """What `videorl reward data` builds (see the module docstring). Defaults: 168 prompts x 13 videos,
-    24 pairs per prompt (4032 pairs); about half a minute on 2 CPU cores with the default base model."""
+    """What `videorl reward data` builds (see the module docstring). Defaults: 168 prompts x 23 videos
+    (6 base samples, 1 true and 16 degraded renders), 48 pairs per prompt (8064 pairs); about half a
+    minute on 2 CPU cores with the default base model."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -103,12 +109,12 @@ class PreferenceDataConfig(BaseModel):
         default_factory=lambda: [SamplerSpec(sde_type="ode", eta=0.0), SamplerSpec(sde_type="sage", eta=0.7),
                                  SamplerSpec(sde_type="flow_grpo", eta=1.0)],
         min_length=1, description="base-model samplers, each [sde_type, eta]")
-    degraded_per_prompt: int = Field(6, ge=0, description="degraded true renders per prompt")
+    degraded_per_prompt: int = Field(16, ge=0, description="degraded true renders per prompt")
     degradations: list[Literal[DEGRADATIONS]] = Field(default_factory=lambda: list(DEGRADATIONS), min_length=1,
                                                        description="degradation kinds to draw from")
     strength: tuple[float, float] = Field((0.25, 1.0), description="degradation strength range [low, high]")
-    pairs_per_prompt: int = Field(24, ge=1, description="pairs per prompt (fewer if the pool has fewer)")
-    pair_mix: dict[PairKind, float] = Field(default_factory=lambda: dict(DEFAULT_MIX),
+    pairs_per_prompt: int = Field(48, ge=1, description="pairs per prompt (fewer if the pool has fewer)")
+    pair_mix: dict[PairKind, float] = Field(default_factory=lambda: dict(DATA_MIX),
                                             description="relative share of each pair kind")
     tie_margin: float = Field(0.05, ge=0.0, lt=1.0, description="|oracle difference| below this is a tie")
     label_noise: float = Field(0.1, ge=0.0, le=0.5, description="annotator noise rate (train/val only)")

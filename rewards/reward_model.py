@@ -11,6 +11,14 @@ dimension's query or input stream:
 - MQ (motion quality): [prompt words, GRAYSCALE space-time patches (tubelets), q_mq]. The MQ head sees luma
   only, so it is exactly invariant to any colour change that keeps BT.601 luma (motion, not colour).
 - TA (text alignment): [prompt words, colour space-time patches (tubelets), q_ta].
+- In the MQ and TA streams the video tokens are also scaled and shifted by the prompt (FiLM, Perez et al.
+  2018): a per-channel product of "what was asked" and "what is there" from the first layer on, which is
+  what colour, speed and direction matching need (zero-initialised, so it starts as the plain model).
+- The MQ and TA streams also get one trajectory token per frame: the frame's brightness-weighted centroid
+  (column, row in [-1, 1]) and mean brightness (brightest channel; luma for MQ). Where the object is is a
+  product of position and content that patch tokens only reach through several layers; with it, speed and
+  direction are one linear step away (held-out TA 0.79 -> 0.83 at equal steps; "moving left" vs "right"
+  told apart 0.98 of the time instead of 0.56, see orchestrator/reward_training.py).
 
 Model input: torch float32 [B, T, 3, H, W] in [-1, 1]; output [B, len(dims)] float32 logits
 (unitless; differences are Bradley–Terry logits). `score_videos` takes world videos, numpy
@@ -62,7 +70,7 @@ class RewardModelConfig(BaseModel):
     frames: int = Field(8, ge=1, description="frames per clip T")
     size: int = Field(16, ge=2, description="frame height = width in pixels")
     patch: int = Field(4, ge=1, description="square patch side in pixels")
-    tubelet: int = Field(2, ge=1, description="frames per space-time token in the MQ and TA streams")
+    tubelet: int = Field(4, ge=1, description="frames per space-time token in the MQ and TA streams")
     dim: int = Field(48, ge=4, description="token width")
     depth: int = Field(2, ge=1, description="transformer blocks")
     heads: int = Field(4, ge=1, description="attention heads")
@@ -70,8 +78,8 @@ class RewardModelConfig(BaseModel):
     vocab: tuple[str, ...] = Field(default_factory=_world_vocab, min_length=1, description="prompt words")
     max_words: int = Field(8, ge=1, description="prompt length in words (shorter prompts are padded)")
     vq_fraction: float = Field(0.3, gt=0.0, le=1.0, description="fraction of best frames averaged for VQ")
-    film: bool = Field(True, description="EXPERIMENT")
-    coords: bool = Field(True, description="EXPERIMENT")
+    film: bool = Field(True, description="prompt-conditioned FiLM scale and shift of the MQ and TA video tokens")
+    trajectory: bool = Field(True, description="add one trajectory token per frame (centroid, brightness) to MQ and TA")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RewardModelConfig":
@@ -116,11 +124,13 @@ class VideoReward(nn.Module):
         n_space = (cfg.size // p) ** 2
         tube = cfg.tubelet
         self.frame_patch = nn.Linear(3 * p * p, d)  # VQ: one frame per token
-        extra = 2 if cfg.coords else 0
-        self.colour_patch = nn.Linear((3 + extra) * tube * p * p, d)  # TA: space-time tubelets
-        self.gray_patch = nn.Linear((1 + extra) * tube * p * p, d)  # MQ: luma tubelets
+        self.colour_patch = nn.Linear(3 * tube * p * p, d)  # TA: space-time tubelets
+        self.gray_patch = nn.Linear(tube * p * p, d)  # MQ: luma tubelets
         self.space_pos = nn.Parameter(0.02 * torch.randn(n_space, d))
         self.time_pos = nn.Parameter(0.02 * torch.randn(cfg.frames // tube, d))
+        if cfg.trajectory:
+            self.frame_pos = nn.Parameter(0.02 * torch.randn(cfg.frames, d))
+            self.track_embed = nn.Linear(3, d)
         self.word_embed = nn.Embedding(len(cfg.vocab) + 1, d)  # index 0 pads short prompts
         self.word_pos = nn.Parameter(0.02 * torch.randn(cfg.max_words, d))
         self.queries = nn.Parameter(0.02 * torch.randn(len(cfg.dims), d))  # one per dimension
@@ -130,7 +140,8 @@ class VideoReward(nn.Module):
         self._word_index = {w: i + 1 for i, w in enumerate(cfg.vocab)}
         if cfg.film:
             self.film = nn.Linear(d, 2 * d)
-            nn.init.zeros_(self.film.weight), nn.init.zeros_(self.film.bias)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     # ---- inputs -------------------------------------------------------------------------
     @property
@@ -170,15 +181,17 @@ class VideoReward(nn.Module):
         return x.reshape(b, t // tube, (h // p) * (w // p), tube * ch * p * p)
 
     @staticmethod
-    def _coords(frames: torch.Tensor) -> torch.Tensor:
-        """CoordConv channels (Liu et al. 2018): [B, T, C, H, W] in [-1, 1] -> [B, T, 2, H, W], the pixel's
-        brightest channel (0..1) times its column and row in [-1, 1]. Summed over pixels they are the
-        brightness-weighted centroid, so where the object is, and how it moves, are linear in the input."""
-        a = (frames.amax(dim=2, keepdim=True) + 1.0) / 2.0
-        h, w = frames.shape[-2:]
-        cols = torch.linspace(-1.0, 1.0, w, device=frames.device)
-        rows = torch.linspace(-1.0, 1.0, h, device=frames.device)[:, None]
-        return torch.cat([a * cols, a * rows], dim=2)
+    def _trajectory(frames: torch.Tensor) -> torch.Tensor:
+        """[B, T, C, H, W] in [-1, 1] -> [B, T, 3]: per frame the brightness-weighted centroid (column, row in
+        [-1, 1]) and the mean brightness, brightness = the brightest channel in [0, 1]."""
+        a = (frames.amax(dim=2) + 1.0) / 2.0  # [B, T, H, W]
+        h, w = a.shape[-2:]
+        mass = a.sum(dim=(2, 3)).clamp(min=1e-6)
+        cols = torch.linspace(-1.0, 1.0, w, device=a.device)
+        rows = torch.linspace(-1.0, 1.0, h, device=a.device)
+        cx = (a.sum(dim=2) * cols).sum(-1) / mass
+        cy = (a.sum(dim=3) * rows).sum(-1) / mass
+        return torch.stack([cx, cy, mass / (h * w)], dim=-1)
 
     def _read(self, tokens: torch.Tensor, which: int) -> torch.Tensor:
         """Append query token `which`, run the trunk, return its head's scalar: [B, L, d] -> [B]."""
@@ -207,17 +220,16 @@ class VideoReward(nn.Module):
                 out.append(top_fraction_mean(per_frame, self.cfg.vq_fraction))
                 continue
             if dim == "mq":  # luma only: motion, not colour
-                gray = to_grayscale(video).unsqueeze(2)
-                if self.cfg.coords:
-                    gray = torch.cat([gray, self._coords(gray)], dim=2)
-                tok = self.gray_patch(self._patches(gray, self.cfg.tubelet))
+                tok = self.gray_patch(self._patches(to_grayscale(video).unsqueeze(2), self.cfg.tubelet))
             else:  # "ta"
-                colour = torch.cat([video, self._coords(video)], dim=2) if self.cfg.coords else video
-                tok = self.colour_patch(self._patches(colour, self.cfg.tubelet))
-            tok = tok + self.space_pos + self.time_pos[:, None]
+                tok = self.colour_patch(self._patches(video, self.cfg.tubelet))
+            tok = (tok + self.space_pos + self.time_pos[:, None]).reshape(b, -1, self.cfg.dim)
+            if self.cfg.trajectory:
+                tracks = self._trajectory(to_grayscale(video).unsqueeze(2) if dim == "mq" else video)
+                tok = torch.cat([tok, self.track_embed(tracks) + self.frame_pos], dim=1)
             if self.cfg.film:
-                tok = tok * (1 + gamma[:, None, None]) + beta[:, None, None]
-            out.append(self._read(torch.cat([text, tok.reshape(b, -1, self.cfg.dim)], dim=1), i))
+                tok = tok * (1 + gamma[:, None]) + beta[:, None]
+            out.append(self._read(torch.cat([text, tok], dim=1), i))
         return torch.stack(out, dim=1)
 
     @torch.no_grad()

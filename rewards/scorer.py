@@ -134,17 +134,10 @@ def _device(device: str | None) -> str:
 
 def _load_engagement(path: Path):
     """EngagementPredictor from a safetensors file (or a directory holding `model.safetensors`);
-    the conv width is read from the weights."""
-    from safetensors.torch import load_file
-
+    the conv width is read from the weights (`EngagementPredictor.load`)."""
     from rewards.feedback import EngagementPredictor
 
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"engagement predictor weights not found: {file}")
-    state = load_file(str(file))
-    if "net.0.weight" not in state:
-        raise ValueError(f"{file}: not an EngagementPredictor checkpoint (no tensor 'net.0.weight')")
-    model = EngagementPredictor(width=state["net.0.weight"].shape[0])
-    model.load_state_dict(state)  # strict: a missing or mis-shaped tensor is an error naming it
-    return model.eval()
+    return EngagementPredictor.load(file)

@@ -1,0 +1,342 @@
+"""`videorl reward train` / `videorl reward bench`: learned rewards from the preference data and simulated users.
+
+- `ensure_preference_data`: oracle-labelled pairs (`orchestrator.reward_data.build_preference_dataset`),
+  cached per (data config, base checkpoint content, sampling mode and steps).
+- `ensure_reward_model`: a `VideoReward` trained with one loss (regression, BT or BTT) on the TRAIN split,
+  cached per (data content, train config, loss). The directory holds `model.safetensors` + `config.json`
+  (`VideoReward.save`) and `train.json` (seconds, losses).
+- `reward_bench`: VideoAlign's reward benchmark on the HELD-OUT split (prompts no model trained on; labels
+  noise-free): pairwise accuracy per dimension and overall, without ties and with ties.
+- `ensure_engagement_model`: simulated users' sparse click logs on base samples, true and degraded renders
+  train the dense engagement predictor (SCRL's primary reward); held-out AUC against a constant and the
+  users' true click probability.
+Every cached artefact is written to a temporary directory and renamed into place: readers see it whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from rewards import losses
+from rewards.feedback import ClickLog, EngagementPredictor, UserPopulation, auc, train_engagement
+from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpec, read_preference_data,
+                                render_references)
+from rewards.reward_model import (PreferencePairs, RewardModelConfig, VideoReward, _pair_deltas,
+                                  preference_accuracy, train_reward_model)
+from rewards.world import all_prompts, heldout_prompts
+
+Loss = Literal["regression", "bt", "btt"]
+LOSSES: tuple[str, ...] = Loss.__args__
+RAO_KUPPER_K = 5.0  # the BTT tie parameter the losses use (MATH.md §6)
+
+
+class RewardTrainConfig(BaseModel):
+    """How a VideoReward is trained (`rewards.reward_model.train_reward_model`). About 2.5 minutes per loss at
+    the defaults on one (shared) CPU core."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: Loss = "btt"
+    steps: int = Field(1000, ge=1, description="optimiser steps")
+    batch_size: int = Field(32, ge=1, description="pairs per step")
+    lr: float = Field(3e-3, gt=0, le=1, description="peak AdamW learning rate (warm-up, then cosine to 0)")
+    augment: bool = Field(True, description="random label-preserving world symmetries (colour permutations, mirror)")
+    seed: int = 0
+    model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+
+
+class EngagementConfig(BaseModel):
+    """Simulated users' click logs and the dense engagement predictor fitted to them (`rewards.feedback`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_users: int = Field(100, ge=1, description="simulated users (tastes drawn around the population's)")
+    log_clips: int = Field(6048, ge=168, description="clips shown to users: base samples + renders + degraded renders")
+    impression_rate: float = Field(0.3, gt=0, le=1, description="chance a logged clip got an impression (a click or not)")
+    steps: int = Field(400, ge=1, description="predictor training steps")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1)
+    seed: int = Field(0, description="users, clips, impressions and training")
+    mix: float = Field(0.5, ge=0, le=1, description="weight of a real click against the dense prediction in R_f")
+
+
+# ---------------------------------------------------------------- cache keys
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _data_key(data_dir: Path) -> str:
+    """Content hash of a preference data directory (what a model trained on it depends on)."""
+    return _key(*(_sha256_file(data_dir / name) for name in ("pairs.parquet", "pool.parquet", "videos.npy")))
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Rename a finished temporary directory into place, replacing an old `out`."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _fresh_tmp(out: Path) -> Path:
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ---------------------------------------------------------------- preference data
+
+def ensure_preference_data(pref_cfg: PreferenceDataConfig, base_ckpt: Path, cache: Path, mode: str = "causal",
+                           steps: int = 8, force: bool = False, progress: bool = True) -> Path:
+    """Directory of oracle-labelled pairs (`rewards.preference` format) for this data config, base checkpoint
+    (by content), sampling mode and step count; built on first use, then reused."""
+    from orchestrator.reward_data import build_preference_dataset  # loads the policy model code
+
+    base_ckpt = Path(base_ckpt)
+    if not base_ckpt.is_file():
+        raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
+    out = Path(cache) / f"prefdata-{_key(pref_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps)}"
+    if force or not (out / "pairs.parquet").is_file():
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        # write_preference_data is itself atomic (temp dir + rename)
+        info = build_preference_dataset(pref_cfg, base_ckpt, out, mode=mode, steps=steps, progress=progress)
+        (out / "summary.json").write_text(json.dumps({**info, "seconds": round(time.perf_counter() - start, 1),
+                                                      "base_checkpoint": str(base_ckpt)}, indent=2))
+    return out
+
+
+def _split_pairs(data_dir: Path, split: str) -> PreferencePairs:
+    ps = read_preference_data(data_dir, split)
+    return PreferencePairs(ps.video_a, ps.video_b, ps.prompts, ps.labels, ps.score_a, ps.score_b)
+
+
+# ---------------------------------------------------------------- reward models
+
+def reward_model_dir(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, loss: str | None = None) -> Path:
+    """Where `ensure_reward_model` keeps the model for (data content, train config, loss)."""
+    cfg = train_cfg.model_copy(update={"loss": loss or train_cfg.loss})
+    return Path(cache) / f"reward-{cfg.loss}-{_key(_data_key(Path(data_dir)), cfg.model_dump(mode='json'))}"
+
+
+def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, loss: str | None = None,
+                        force: bool = False, progress: bool = True) -> Path:
+    """Train (or reuse) a VideoReward on the train split of `data_dir` with `loss` (default train_cfg.loss).
+
+    Returns the model directory: model.safetensors + config.json (`VideoReward.load` reads them) and
+    train.json {loss, steps, seconds, loss_first, loss_final (means over the first/last 20 steps), pairs}.
+    """
+    loss = loss or train_cfg.loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+    data_dir = Path(data_dir)
+    out = reward_model_dir(train_cfg, data_dir, cache, loss)
+    if not force and (out / "model.safetensors").is_file() and (out / "train.json").is_file():
+        return out
+    train = _split_pairs(data_dir, "train")
+    torch.manual_seed(train_cfg.seed)
+    model = VideoReward(train_cfg.model)
+    start = time.perf_counter()
+    history = train_reward_model(model, train, loss, steps=train_cfg.steps, batch_size=train_cfg.batch_size,
+                                 lr=train_cfg.lr, seed=train_cfg.seed, progress=progress, augment=train_cfg.augment)
+    seconds = time.perf_counter() - start
+    tmp = _fresh_tmp(out)
+    model.save(tmp)
+    (tmp / "train.json").write_text(json.dumps({
+        "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
+        "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
+        "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
+    }, indent=2))
+    return _publish(tmp, out)
+
+
+@torch.no_grad()
+def _deltas(model: VideoReward, pairs: PreferencePairs, batch_size: int = 256) -> np.ndarray:
+    """r_a - r_b [N, D] float64 for every pair."""
+    model.eval()
+    out = [torch.sub(*_pair_deltas(model, pairs.subset(np.arange(i, min(i + batch_size, len(pairs))))))
+           for i in range(0, len(pairs), batch_size)]
+    return torch.cat(out).double().numpy() if out else np.zeros((0, len(model.cfg.dims)))
+
+
+def fit_tie_threshold(delta: np.ndarray, labels: np.ndarray) -> float:
+    """The |Δ| threshold that maximises with-ties accuracy on (delta, labels) [N, D]: for a model without a tie
+    model of its own (plain BT), fitted on the VALIDATION split. Candidates: 0 and the midpoints of sorted |Δ|."""
+    a = np.sort(np.abs(np.asarray(delta, dtype=np.float64)).ravel())
+    candidates = np.concatenate([[0.0], (a[1:] + a[:-1]) / 2.0 if len(a) > 1 else a])
+    candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, 201)))  # 201 candidates are plenty
+    acc = [preference_accuracy(delta, labels, True, float(t))[1] for t in candidates]
+    return float(candidates[int(np.argmax(acc))])
+
+
+def _tie_threshold(loss: str, model: VideoReward, data_dir: Path) -> tuple[float, str]:
+    """Each loss's own notion of a tie (see `reward_bench`)."""
+    if loss == "btt":
+        return losses.tie_threshold(RAO_KUPPER_K), f"Rao-Kupper k={RAO_KUPPER_K:g}: ln((k^2-2)/k)"
+    if loss == "regression":
+        raw = (pq.read_schema(data_dir / "pairs.parquet").metadata or {}).get(META_KEY, b"null")
+        config = json.loads(raw)
+        margin = (config or {}).get("tie_margin", PreferenceDataConfig().tie_margin)
+        return float(margin), "the data's tie_margin (regression predicts oracle-scale scores)"
+    val = read_preference_data(data_dir, "val")
+    if len(val) == 0:
+        return 0.0, "no validation pairs: 0"
+    pairs = PreferencePairs(val.video_a, val.video_b, val.prompts, val.labels)
+    return fit_tie_threshold(_deltas(model, pairs), val.labels), "fitted on the validation split (annotated labels)"
+
+
+def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = True) -> tuple[list[dict], dict]:
+    """VideoAlign's reward benchmark on the held-out split of `data_dir` for each trained loss.
+
+    model_dirs: {loss: directory from `ensure_reward_model`}. Returns (rows, result):
+    rows, one per (loss, ties) with vq, mq, ta, overall (pairwise accuracy); result (JSON-ready) with the same
+    numbers, the tie threshold of each model and how it was chosen, accuracy per pair kind, and pair counts.
+    Without ties: only pairs whose label is not a tie count; right when sign(Δ) matches. With ties: every
+    pair counts; the model predicts a tie when |Δ| is under its tie threshold: BTT's Rao–Kupper threshold,
+    regression's data tie margin (its scores are oracle-scale), BT's fitted on the validation split.
+    """
+    data_dir = Path(data_dir)
+    held = read_preference_data(data_dir, "heldout")
+    if len(held) == 0:
+        raise ValueError(f"{data_dir}: the held-out split has no pairs")
+    pairs = PreferencePairs(held.video_a, held.video_b, held.prompts, held.labels)
+    kinds = np.asarray(held.kind)
+    counts = {"pairs": len(held), "prompts": len(set(held.prompts)),
+              "non_tie": {d: int((held.labels[:, j] != 0).sum()) for j, d in enumerate(DIMS)},
+              "tie": {d: int((held.labels[:, j] == 0).sum()) for j, d in enumerate(DIMS)},
+              "kinds": {k: int((kinds == k).sum()) for k in sorted(set(held.kind))}}
+    rows, models = [], {}
+    for loss, directory in tqdm(model_dirs.items(), desc="reward bench", unit="model", disable=not progress):
+        model = VideoReward.load(directory)
+        if tuple(model.cfg.dims) != DIMS:
+            raise ValueError(f"{directory}: the benchmark scores dims {DIMS}, the model has {model.cfg.dims}")
+        delta = _deltas(model, pairs)
+        threshold, source = _tie_threshold(loss, model, data_dir)
+        entry = {"dir": str(directory), "tie_threshold": threshold, "tie_threshold_from": source}
+        train_info = Path(directory) / "train.json"
+        if train_info.is_file():
+            entry["train"] = {k: v for k, v in json.loads(train_info.read_text()).items() if k != "config"}
+        for with_ties in (False, True):
+            per_dim, overall = preference_accuracy(delta, held.labels, with_ties, threshold)
+            acc = {**{d: float(a) for d, a in zip(DIMS, per_dim)}, "overall": float(overall)}
+            entry["with_ties" if with_ties else "without_ties"] = acc
+            rows.append({"loss": loss, "ties": "with" if with_ties else "without", **acc})
+        entry["without_ties_by_kind"] = {}
+        for k in counts["kinds"]:
+            per_dim, overall = preference_accuracy(delta[kinds == k], held.labels[kinds == k], False, threshold)
+            entry["without_ties_by_kind"][k] = {**{d: _json_float(a) for d, a in zip(DIMS, per_dim)},
+                                                "overall": _json_float(overall)}
+        models[loss] = entry
+    return rows, {"data": str(data_dir), "split": "heldout", "counts": counts, "models": models}
+
+
+def _json_float(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+# ---------------------------------------------------------------- engagement predictor
+
+def engagement_logs(eng_cfg: EngagementConfig, base_ckpt: Path, mode: str = "causal", steps: int = 8,
+                    progress: bool = True) -> dict:
+    """The clips shown to users and what they did: {"videos": uint8 [N, T, H, W, 3], "prompts": [N],
+    "heldout": bool [N] (clip of a held-out prompt), "clicks": float32 [N] (1/0, NaN = no impression),
+    "users": int [N] (-1 = none), "p_click": float [N] (that user's true click probability, NaN = none)}.
+
+    Per world prompt, about a third of its clips are base-model samples (the rollout sampler, sage η 0.7,
+    and ode), one is a true render and the rest degraded renders; N ≈ log_clips (rounded to whole prompts).
+    """
+    from orchestrator.reward_data import sample_base_pool
+    from policy.model import VideoDiT
+
+    prompts = [p.text for p in all_prompts()]
+    per_prompt = max(3, -(-eng_cfg.log_clips // len(prompts)))
+    n_base = max(2, per_prompt // 3) // 2 * 2  # an even count: half per sampler
+    pool_cfg = PreferenceDataConfig(samples_per_prompt=n_base // 2, seed=eng_cfg.seed,
+                                    samplers=[SamplerSpec(sde_type="sage", eta=0.7), SamplerSpec(sde_type="ode")])
+    model = VideoDiT.load(base_ckpt).eval()
+    base, base_meta = sample_base_pool(model, prompts, pool_cfg, mode=mode, steps=steps, progress=progress)
+    rng = np.random.default_rng([eng_cfg.seed, 7])
+    refs, ref_meta = render_references(prompts, per_prompt - n_base - 1, rng, model.cfg.frames, model.cfg.size)
+    videos = np.concatenate([base, refs])
+    texts = base_meta["prompt"] + ref_meta["prompt"]
+    users = UserPopulation(seed=eng_cfg.seed, n_users=eng_cfg.n_users)
+    # impressions() draws who saw what; redo its draw here to also keep the user and their click probability
+    shown = rng.random(len(videos)) < eng_cfg.impression_rate
+    who = np.full(len(videos), -1)
+    who[shown] = rng.integers(0, users.n_users, size=int(shown.sum()))
+    p_click = np.full(len(videos), np.nan)
+    clicks = np.full(len(videos), np.nan, dtype=np.float32)
+    if shown.any():
+        p_click[shown] = users.click_probability(videos[shown], who[shown])
+        clicks[shown] = (rng.random(int(shown.sum())) < p_click[shown]).astype(np.float32)
+    held = {p.text for p in heldout_prompts()}
+    return {"videos": videos, "prompts": texts, "heldout": np.array([t in held for t in texts]), "clicks": clicks,
+            "users": who, "p_click": p_click}
+
+
+def ensure_engagement_model(eng_cfg: EngagementConfig, base_ckpt: Path, cache: Path, force: bool = False,
+                            progress: bool = True, mode: str = "causal", steps: int = 8) -> tuple[Path, dict]:
+    """Fit (or reuse) the dense engagement predictor on click logs of clips of TRAINING prompts and measure it on
+    the logs of held-out prompts. Returns (directory with model.safetensors and engagement.json, metrics):
+    held-out ROC AUC of the predictor, of a constant predictor (0.5 by construction, computed with `auc`),
+    of the true click probability of the user who saw each clip (the ceiling), and of the population-average
+    click probability (the ceiling for a predictor that does not know the user), plus counts and seconds.
+    """
+    base_ckpt = Path(base_ckpt)
+    if not base_ckpt.is_file():
+        raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
+    out = Path(cache) / f"engagement-{_key(eng_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps)}"
+    if not force and (out / "model.safetensors").is_file() and (out / "engagement.json").is_file():
+        return out, json.loads((out / "engagement.json").read_text())
+    start = time.perf_counter()
+    logs = engagement_logs(eng_cfg, base_ckpt, mode, steps, progress)
+    seen = ~np.isnan(logs["clicks"])
+    train, test = seen & ~logs["heldout"], seen & logs["heldout"]
+    if len(set(logs["clicks"][test].tolist())) < 2 or len(set(logs["clicks"][train].tolist())) < 2:
+        raise ValueError("engagement logs need clicks and non-clicks in both the training and held-out impressions; "
+                         "raise log_clips or impression_rate")
+    torch.manual_seed(eng_cfg.seed)
+    predictor = train_engagement(ClickLog(logs["videos"][train], logs["clicks"][train]), steps=eng_cfg.steps,
+                                 batch_size=eng_cfg.batch_size, lr=eng_cfg.lr, seed=eng_cfg.seed, progress=progress)
+    labels = logs["clicks"][test].astype(np.int64)
+    metrics = {
+        "auc_predictor": auc(predictor.predict(logs["videos"][test]), labels),
+        "auc_constant": auc(np.full(len(labels), 0.5), labels),
+        "auc_true_probability": auc(logs["p_click"][test], labels),
+        # the best a predictor that does not know WHICH user saw the clip can hope for
+        "auc_population_probability": auc(UserPopulation(eng_cfg.seed, eng_cfg.n_users).click_probability(
+            logs["videos"][test]), labels),
+        "train_impressions": int(train.sum()), "heldout_impressions": int(test.sum()),
+        "clips": len(logs["clicks"]), "click_rate": float(np.nanmean(logs["clicks"])),
+        "seconds": round(time.perf_counter() - start, 1), "mix": eng_cfg.mix,
+        "config": eng_cfg.model_dump(mode="json"), "base_checkpoint": str(base_ckpt),
+    }
+    tmp = _fresh_tmp(out)
+    predictor.save(tmp / "model.safetensors")
+    (tmp / "engagement.json").write_text(json.dumps(metrics, indent=2))
+    return _publish(tmp, out), metrics
