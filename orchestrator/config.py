@@ -52,6 +52,8 @@ class PretrainConfig(Section):
     warmup: int = Field(200, ge=0)
     ema: float = Field(0.999, ge=0, lt=1)
     causal_fraction: float = Field(0.5, ge=0, le=1)  # share of batches trained chunk-causally
+    t_mean: float = 0.0  # logit-normal noise levels: sigmoid(N(t_mean, t_std)); > 0 favours high noise
+    t_std: float = Field(1.0, gt=0)
     seed: int = 0
 
 

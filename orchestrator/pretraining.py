@@ -41,7 +41,7 @@ def train_base_model(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
     start = time.perf_counter()
     ema_model = pretrain(
         model, clips, ids, steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup,
-        ema=p.ema, causal_fraction=p.causal_fraction, seed=p.seed, on_step=on_step,
+        ema=p.ema, causal_fraction=p.causal_fraction, t_mean=p.t_mean, t_std=p.t_std, seed=p.seed, on_step=on_step,
     )
     bar.close()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
