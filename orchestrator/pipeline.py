@@ -15,7 +15,6 @@ The driver only ever holds references and small metadata; payloads stay in the o
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from rewards import losses
-from rewards.feedback import ClickLog, EngagementPredictor, UserPopulation, auc, train_engagement
+from rewards.feedback import ClickLog, UserPopulation, auc, train_engagement
 from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpec, read_preference_data,
                                 render_references)
 from rewards.reward_model import (PreferencePairs, RewardModelConfig, VideoReward, _pair_deltas,

@@ -10,7 +10,6 @@ import torch
 from orchestrator.config import load_config
 from orchestrator.train import run_training
 from rewards.reward_model import RewardModelConfig, VideoReward
-from rewards.world import VOCAB
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # each case runs the real CLI in a fresh process
