@@ -47,8 +47,25 @@ class RunActors:
             ray.kill(handle, no_restart=True)
 
 
+CONTROLLER_CPUS = 0.05 + 0.01  # constraint-controller + videorl-control
+
+
+def check_fits(cfg: Config) -> None:
+    """Every actor must be placeable at once, or the run would wait forever for the last one."""
+    need_cpu = (cfg.ray.rollout_workers * cfg.ray.rollout_cpus + cfg.ray.learner_cpus + CONTROLLER_CPUS
+                + sum(s.replicas * s.num_cpus for s in cfg.rewards.models.values()))
+    need_gpu = (cfg.ray.rollout_workers * cfg.ray.rollout_gpus + cfg.ray.learner_gpus
+                + sum(s.replicas * s.num_gpus for s in cfg.rewards.models.values()))
+    have = ray.cluster_resources()
+    for what, need in (("CPU", need_cpu), ("GPU", need_gpu)):
+        if need > have.get(what, 0.0) + 1e-9:
+            raise ValueError(f"the run's actors need {need:g} {what}s but the cluster has {have.get(what, 0.0):g}: "
+                             f"lower ray.rollout_workers / ray.*_{what.lower()}s / rewards.models.*.num_{what.lower()}s")
+
+
 def start_actors(cfg: Config, base_checkpoint: str, reward_checkpoints: dict[str, str | None],
                  reward_dims: dict[str, tuple[str, ...]], taus: dict[str, float]) -> RunActors:
+    check_fits(cfg)
     model_cfg = cfg.model.model_dump(mode="json")
     r = cfg.rollout
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size)

@@ -114,9 +114,9 @@ class TrainConfig(Section):
 class RayConfig(Section):
     address: str | None = None  # None: $RAY_ADDRESS, else a local cluster
     rollout_workers: int = Field(2, ge=1)
-    rollout_cpus: float = Field(0.5, gt=0)
+    rollout_cpus: float = Field(0.4, gt=0)
     rollout_gpus: float = Field(0.0, ge=0)
-    learner_cpus: float = Field(0.5, gt=0)
+    learner_cpus: float = Field(0.4, gt=0)
     learner_gpus: float = Field(0.0, ge=0)
     num_cpus: int | None = None  # local cluster size (None: all cores)
 

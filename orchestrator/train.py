@@ -229,7 +229,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: str | None = None,
                  progress: bool = True, stop: threading.Event | None = None) -> dict:
     """Everything `videorl train` does: inputs (cached), actors, the loop, before/after evaluation, report."""
-    from orchestrator.cluster import connect
+    from orchestrator.cluster import check_fits, connect
     from orchestrator.evaluation import evaluate
     from orchestrator.inputs import prepare
     from orchestrator.report import write_report
@@ -237,9 +237,10 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
 
     if resume:
         _check_resumable(cfg, run_dir)
+    connect(cfg, address)
+    check_fits(cfg)  # before hours of pretraining, not after
     inputs = prepare(cfg, progress=progress)
     write_resolved_config(cfg, run_dir)
-    connect(cfg, address)
     actors = start_actors(cfg, str(inputs.base), inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
         run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume, progress, stop)
