@@ -14,15 +14,6 @@ VOCAB = (
 IDS = torch.tensor([[1, 3, 10, 0], [1, 4, 11, 13]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting on a busy machine (50x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(**kw) -> VideoDiT:
     with torch.random.fork_rng():
         torch.manual_seed(0)
