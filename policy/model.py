@@ -58,7 +58,7 @@ class ModelConfig(BaseModel):
     rope_base: float = Field(10000.0, gt=1)
     text_attention: bool = Field(True, description="prompt words are extra keys/values in every attention layer")
     qk_norm: bool = Field(False, description="RMS-normalise queries and keys per head")
-    spatial_rope: bool = Field(False, description="3D rotary: half of each head rotates by frame, a quarter each by patch row/column")
+    spatial_rope: bool = Field(True, description="3D rotary: half of each head rotates by frame, a quarter each by patch row/column")
     sincos_pos: bool = Field(True, description="initialise the spatial position embedding with 2D sin-cos")
 
     @model_validator(mode="after")

@@ -7,7 +7,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from policy.model import ModelConfig, VideoDiT, causal_frame_mask, model_to_videos, videos_to_model
+from policy.model import (
+    ModelConfig,
+    VideoDiT,
+    apply_rotary,
+    causal_frame_mask,
+    model_to_videos,
+    sincos_2d,
+    videos_to_model,
+)
 from policy.text import WordTokenizer
 
 VOCAB = (
@@ -209,3 +217,59 @@ def test_video_conversions_round_trip():
         videos_to_model(videos[0])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         videos_to_model(videos * 2)
+
+
+# --- conditioning and positions -------------------------------------------------------------------------
+
+
+def test_text_attention_reads_the_words_as_an_unordered_bag():
+    model = make_model()
+    x, s = rand(1, 8, 3, 16, 16), torch.full((1,), 0.5)
+    v = model.velocity(x, s, torch.tensor([[1, 3, 10, 2, 13]]))
+    assert torch.allclose(model.velocity(x, s, torch.tensor([[13, 10, 2, 3, 1, 0]])), v, atol=1e-5)
+    # the words reach the frames through attention alone, not only through the pooled adaLN path
+    with torch.no_grad():
+        model.text_mlp[-1].weight.zero_()
+        model.text_mlp[-1].bias.zero_()
+    red, blue = (model.velocity(x, s, torch.tensor([[1, c, 10]])) for c in (3, 5))
+    assert (red - blue).abs().max() > 1e-3
+    without = make_model(text_attention=False)
+    with torch.no_grad():
+        without.text_mlp[-1].weight.zero_()
+        without.text_mlp[-1].bias.zero_()
+    red, blue = (without.velocity(x, s, torch.tensor([[1, c, 10]])) for c in (3, 5))
+    assert (red - blue).abs().max() == 0
+
+
+def test_3d_rotary_logits_depend_only_on_relative_positions():
+    """q.k after rotary depends on (frame, row, column) differences only: what lets cached keys keep their
+    absolute positions, and lets attention look for "the same object one patch to the left"."""
+    model = make_model()
+    d = model.cfg.dim // model.cfg.heads
+    q, k = rand(d, seed=1), rand(d, seed=2)
+
+    def logit(qf, qcell, kf, kcell):  # cell = row * 4 + column on the 4 x 4 patch grid
+        cos, sin = model._rotary(torch.tensor([qf, kf]))
+        qi, ki = qcell, 16 + kcell
+        rq = apply_rotary(q.view(1, 1, 1, d), cos[qi], sin[qi]).flatten()
+        rk = apply_rotary(k.view(1, 1, 1, d), cos[ki], sin[ki]).flatten()
+        return float(rq @ rk)
+
+    base = logit(3, 5, 1, 6)  # query (frame 3, row 1, col 1), key (frame 1, row 1, col 2)
+    assert logit(13, 5, 11, 6) == pytest.approx(base, abs=1e-4)  # both frames shifted by 10
+    assert logit(3, 10, 1, 11) == pytest.approx(base, abs=1e-4)  # both cells moved one row down and one column right
+    assert abs(logit(3, 5, 1, 7) - base) > 1e-3  # a different column offset
+    assert abs(logit(3, 5, 1, 10) - base) > 1e-3  # a different row offset
+    assert abs(logit(3, 5, 2, 6) - base) > 1e-3  # a different frame offset
+
+
+def test_sincos_2d_codes_row_then_column():
+    # grid 2, dim 4: one frequency (1 rad per cell); [sin, cos](row) then [sin, cos](column)
+    s1, c1 = np.sin(1.0), np.cos(1.0)
+    expected = [[0, 1, 0, 1], [0, 1, s1, c1], [s1, c1, 0, 1], [s1, c1, s1, c1]]
+    assert np.allclose(sincos_2d(2, 4).numpy(), expected, atol=1e-6)
+    code = sincos_2d(4, 64)
+    assert code.shape == (16, 64)
+    assert torch.cdist(code, code).add(torch.eye(16) * 9).min() > 0.5  # every patch position is distinct
+    model = VideoDiT(ModelConfig(vocab=VOCAB, dim=32, depth=2, heads=2))
+    assert torch.equal(model.pos_embed.data, sincos_2d(4, 32))  # the learned embedding starts there
