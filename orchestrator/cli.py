@@ -99,7 +99,7 @@ def cmd_train(args) -> None:
     print("held-out oracle\n" + format_table(rows, ["policy", "vq", "mq", "ta", "overall"]))
     cons = [{"constraint": c, **v} for c, v in summary["constraints"].items()]
     if cons:
-        print("\nconstraints\n" + format_table(cons, ["constraint", "tau", "final", "satisfied"]))
+        print("\nconstraints\n" + format_table(cons, ["constraint", "tau", "final", "satisfied", "training_batches"]))
     print(f"\nledger: {summary['ledger']}")
     print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
 

@@ -127,6 +127,8 @@ class EvalConfig(Section):
     steps: int = Field(16, gt=0)
     seeds_per_prompt: int = Field(4, gt=0)
     seed: int = 1234
+    # the trained policy's constraint check: clips per held-out prompt, drawn like the calibration's
+    constraint_samples_per_prompt: int = Field(32, gt=0)
 
 
 class Config(Section):

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.calibrate import calibrate_base_model
+from orchestrator.calibrate import calibrate_base_model, score_in_batches
 from orchestrator.config import Config, cache_dir, fingerprint
+from orchestrator.evaluation import evaluate
 from orchestrator.pretraining import ensure_base_model
 from orchestrator.prompts import load_prompt_file
+from policy.model import VideoDiT
 from rewards.calibration import load_profile, profile_taus, read_calibration
 from rewards.scorer import RewardScorer
 from rewards.world import Prompt, train_prompts
@@ -66,6 +68,17 @@ def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, 
         for i, dim in enumerate(scorer.dims):
             out[cfg.rewards.models[name].prefix + dim] = scores[:, i]
     return out
+
+
+def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model: VideoDiT) -> dict[str, float]:
+    """Every reward's mean on the held-out prompts for `model`, sampled the way the calibration sampled
+    the base model (the rollout sampler): the value each constraint's τ is compared with after training."""
+    r = cfg.rollout
+    res = evaluate(model, sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode,
+                   seeds_per_prompt=cfg.eval.constraint_samples_per_prompt, seed=cfg.eval.seed)
+    models = scorers(cfg, checkpoints)
+    scores = score_in_batches(lambda v, p: score_all(cfg, models, v, p), res.videos, res.prompts, batch_size=256)
+    return {name: float(values.mean()) for name, values in scores.items()}
 
 
 def calibration_path(cfg: Config) -> Path:

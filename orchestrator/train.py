@@ -231,7 +231,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     """Everything `videorl train` does: inputs (cached), actors, the loop, before/after evaluation, report."""
     from orchestrator.cluster import check_fits, connect
     from orchestrator.evaluation import evaluate
-    from orchestrator.inputs import prepare
+    from orchestrator.inputs import held_out_reward_means, prepare
     from orchestrator.report import write_report
     from policy.model import VideoDiT
 
@@ -259,12 +259,16 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
         (run_dir / "samples").mkdir(exist_ok=True)
         np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
     model.save(run_dir / "final" / "model.safetensors")
-    means = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
+    # τ was measured on the base model's held-out rollouts; "final" is the same measurement on the trained policy
+    held_out = held_out_reward_means(cfg, inputs.reward_checkpoints, model)
+    last_quarter = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
     summary = {
         "oracle": scores,
-        "constraints": {c: {"tau": tau, "final": means.get(c, float("nan")), "satisfied": means.get(c, -1e9) >= tau}
+        "constraints": {c: {"tau": tau, "final": held_out[c], "satisfied": held_out[c] >= tau,
+                            "training_batches": last_quarter.get(c, float("nan"))}
                         for c, tau in inputs.taus.items()},
-        "primary": {"name": inputs.primary, "final": means.get(inputs.primary)},
+        "primary": {"name": inputs.primary, "final": held_out[inputs.primary],
+                    "training_batches": last_quarter.get(inputs.primary)},
         "lambdas": run.lambdas,
         "ledger": run.ledger.balance(run.held),
         "throughput": {"samples": run.samples, "seconds": round(time.perf_counter() - run.started, 1),
@@ -292,6 +296,6 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
 
 
 def batch_means_from_rows(rows: list[dict]) -> dict[str, float]:
-    """Mean of every reward column over rollout rows (the last quarter of the run, for 'final' values)."""
+    """Mean of every reward column over rollout rows (here: the last quarter of the run's training batches)."""
     keys = [k for k in (rows[0] if rows else {}) if k.startswith("reward_")]
     return {k.removeprefix("reward_"): float(np.mean([r[k] for r in rows])) for k in keys}

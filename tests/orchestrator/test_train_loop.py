@@ -7,8 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import load_config
+from orchestrator.inputs import held_out_reward_means
 from orchestrator.metrics import read_metrics
 from orchestrator.train import run_training
+from policy.model import VideoDiT
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +25,7 @@ def tiny_run(tmp_path_factory, ray_cluster):
         f"rewards.profile={root / 'profile.yaml'}", "rewards.calibration.samples_per_prompt=2",
         "train.steps=4", "train.groups_per_step=2", "train.checkpoint_every=2", "train.max_staleness=1",
         "ray.rollout_workers=2", "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2", "eval.steps=3",
-        "eval.seeds_per_prompt=1", f"cache_dir={root / 'cache'}",
+        "eval.seeds_per_prompt=1", "eval.constraint_samples_per_prompt=2", f"cache_dir={root / 'cache'}",
     ])
     run_dir = root / "run"
     summary = run_training(cfg, run_dir, progress=False)
@@ -42,6 +44,16 @@ def test_run_directory_holds_everything(tiny_run):
     assert before["videos"].dtype == np.uint8 and before["videos"].shape == (24, 8, 16, 16, 3)
     assert list(before["prompts"]) == list(after["prompts"])  # same held-out prompts and seeds
     assert set(summary["constraints"]) == {"vq"} and "tau" in summary["constraints"]["vq"]
+
+
+def test_constraints_are_checked_on_held_out_rollouts_of_the_trained_policy(tiny_run):
+    """"final" is the calibration's measurement repeated on the saved final policy, compared with τ."""
+    cfg, run_dir, summary = tiny_run
+    vq = summary["constraints"]["vq"]
+    again = held_out_reward_means(cfg, {"oracle": None}, VideoDiT.load(run_dir / "final" / "model.safetensors"))
+    assert vq["final"] == pytest.approx(again["vq"], abs=1e-9)
+    assert vq["satisfied"] == (vq["final"] >= vq["tau"])
+    assert np.isfinite(vq["training_batches"])
 
 
 def test_ledger_balances_and_metrics_have_one_row_per_step(tiny_run):
