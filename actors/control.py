@@ -38,8 +38,18 @@ class Control:
         return self.status
 
 
-def control_actor(reward_models: list[str]):
-    return ray.remote(Control).options(name=NAME, namespace=NAMESPACE, num_cpus=0.01, max_restarts=-1).remote(reward_models)
+def control_actor(reward_models: list[str], named: bool = True):
+    """The control actor; `named` gives it the well-known name `videorl scale` looks up (one per cluster)."""
+    if named:
+        try:
+            ray.get_actor(NAME, namespace=NAMESPACE)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"another videorl job already runs on this cluster (actor {NAME!r} in namespace "
+                             f"{NAMESPACE!r} exists); `videorl scale` could not tell the two apart")
+    options = {"name": NAME, "namespace": NAMESPACE} if named else {}
+    return ray.remote(Control).options(**options, num_cpus=0.01, max_restarts=-1).remote(reward_models)
 
 
 def find_control():

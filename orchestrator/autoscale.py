@@ -1,8 +1,9 @@
 """Reward-replica autoscaling: a pure decision per reward model, taken once per learner step.
 
-Rule: backlog = batches in flight per replica. Above `target_backlog` the pool grows by one
-replica (up to `max`); after `patience` consecutive steps below a quarter of the target it
-shrinks by one (down to `min`). One replica at a time keeps the controller from oscillating.
+Rule: backlog = batches in flight per replica. After `upscale_patience` consecutive steps above
+`target_backlog` the pool grows by one replica (up to `max`); after `patience` consecutive steps
+below a quarter of the target it shrinks by one (down to `min`). One replica at a time, and the
+delays (Ray Serve's upscale/downscale delays, counted in steps), keep the pool from flapping.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ class AutoscaleConfig(BaseModel):
     min: int = Field(1, ge=1)
     max: int = Field(1, ge=1)
     target_backlog: float = Field(2.0, gt=0)
-    patience: int = Field(3, ge=1)
+    patience: int = Field(3, ge=1)  # calm steps before a replica is removed
+    upscale_patience: int = Field(1, ge=1)  # backed-up steps before a replica is added
 
     @model_validator(mode="after")
     def _order(self) -> AutoscaleConfig:
@@ -25,12 +27,33 @@ class AutoscaleConfig(BaseModel):
         return self
 
 
-def decide(cfg: AutoscaleConfig, replicas: int, in_flight: int, calm_steps: int) -> tuple[int, int]:
-    """-> (new replica count, new calm-step counter)."""
+def decide(cfg: AutoscaleConfig, replicas: int, in_flight: int, streak: int) -> tuple[int, int]:
+    """-> (new replica count, new streak). streak counts consecutive steps: > 0 backed up, < 0 calm."""
     backlog = in_flight / max(1, replicas)
-    if backlog > cfg.target_backlog and replicas < cfg.max:
-        return replicas + 1, 0
-    calm_steps = calm_steps + 1 if backlog < cfg.target_backlog / 4 else 0
-    if calm_steps >= cfg.patience and replicas > cfg.min:
-        return replicas - 1, 0
-    return replicas, calm_steps
+    if backlog > cfg.target_backlog:
+        streak = max(streak, 0) + 1
+        if streak >= cfg.upscale_patience and replicas < cfg.max:
+            return replicas + 1, 0
+    elif backlog < cfg.target_backlog / 4:
+        streak = min(streak, 0) - 1
+        if -streak >= cfg.patience and replicas > cfg.min:
+            return replicas - 1, 0
+    else:
+        streak = 0
+    return replicas, streak
+
+
+def apply_scaling(pools: dict, requests: dict[str, int], rules: dict[str, AutoscaleConfig | None],
+                  streaks: dict[str, int]) -> dict[str, int]:
+    """One learner step's reward scaling. pools {name: RewardPool}; requests {name: replicas} from `videorl scale`
+    (a request wins over the model's autoscaler for that step); rules {name: AutoscaleConfig or None}; streaks
+    {name: `decide`'s streak}, updated in place. Returns {name: replicas}."""
+    for name, pool in pools.items():
+        if name in requests:
+            pool.scale_to(requests[name])
+            streaks[name] = 0
+        elif rules.get(name) is not None:
+            replicas, streaks[name] = decide(rules[name], pool.size, pool.in_flight, streaks.get(name, 0))
+            if replicas != pool.size:
+                pool.scale_to(replicas)
+    return {name: pool.size for name, pool in pools.items()}

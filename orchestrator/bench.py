@@ -10,8 +10,9 @@ Two measurements (both need a connected Ray cluster; neither prints):
   time is a given sleep (actors/simulated.py), so orchestration overhead is measured, not CPU
   contention. Reported: steady-state groups/s against the bound of the slowest stage,
       bound = min(n_rollout / rollout_s, reward_replicas / reward_s, groups_per_step / learner_s),
-  efficiency = achieved / bound, per-stage utilisation and the ledger balance. `scale_at` resizes
-  the reward pool mid-run (`RewardPool.scale_to`) and reports reward throughput before and after.
+  efficiency = achieved / bound, per-stage utilisation and the ledger balance. The reward pool is
+  resized mid-run the way `videorl train` resizes it (by hand through the control actor, or by the
+  autoscaler), and reward throughput is reported per run of steps at one replica count.
 Throughput is counted in steady state: from the end of step `warmup_steps` to the end of the run;
 actor start-up is excluded (every actor answers a ping before the clock starts).
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import ray
 
+from orchestrator.autoscale import AutoscaleConfig, apply_scaling
 from orchestrator.ledger import Ledger
 from orchestrator.pipeline import Pipeline, PromptCursor
 from orchestrator.reward_pool import RewardPool
@@ -33,20 +35,25 @@ from orchestrator.staleness import StalenessManager
 SIM_COLUMNS = ["rollout_actors", "bound_groups_per_s", "groups_per_s", "efficiency", "util_rollout", "util_reward",
                "util_learner", "stale_drops", "balanced", "seconds"]
 SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
+SCALE_COLUMNS = ["reward_replicas", "first_step", "last_step", "measured_from_step", "reward_groups_per_s"]
 REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
 
 
 def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: str, pool: RewardPool | None = None,
-          scale_at: dict[int, int] | None = None) -> list[dict]:
+          control=None, rules: dict | None = None, scale_at: dict[int, int] | None = None) -> list[dict]:
     """The training loop's shape (orchestrator/train.py) without metrics: next_batch -> learner.train_step
-    (the pipeline pumped while it runs) -> publish the new weights -> consume. `scale_at` {step: n} calls
-    pool.scale_to(n) as that step begins, without waiting for new replicas to start.
+    (the pipeline pumped while it runs) -> publish the new weights -> consume. With a `control` actor the reward
+    pools are resized before every step as train_loop resizes them (`autoscale.apply_scaling`: requests from
+    `videorl scale`, else the autoscaling `rules`); `scale_at` {step: n} sends the request `videorl scale
+    --reward <pool>=n` would send, at that step. New replicas are not waited for.
 
     Returns one mark per step boundary (len steps + 1): {"t": perf_counter s, "scored": batches the
     pool has scored, "busy": rollout busy seconds, "replicas": pool size during the step that ended,
     "replicas_up": whether every replica added so far has answered a ping}.
     """
-    scale_at, starting = scale_at or {}, []
+    scale_at, rules, streaks, starting = scale_at or {}, rules or {}, {}, []
+    if scale_at and control is None:
+        raise ValueError("scale_at needs a control actor to send its requests to")
 
     def mark() -> dict:
         up = not starting or len(ray.wait(starting, num_returns=len(starting), timeout=0)[0]) == len(starting)
@@ -56,9 +63,12 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
     pipe.publish(0, learner.weights.remote())
     marks = [mark()]
     for step in range(steps):
-        if step in scale_at:
+        if control is not None:
+            if step in scale_at:
+                ray.get(control.scale.remote(pool.model, scale_at[step]))
             known = set(pool.replicas)
-            pool.scale_to(scale_at[step])
+            sizes = apply_scaling(pipe.pools, ray.get(control.take_requests.remote()), rules, streaks)
+            control.report.remote({"steps_done": step, "reward_replicas": sizes})
             starting += [h.ping.remote() for name, h in pool.replicas.items() if name not in known]
         batch = pipe.next_batch(groups_per_step, learner_version=step)
         update = learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch], primary, {}, {})
@@ -81,11 +91,15 @@ def _rate(marks: list[dict], a: int, b: int, key: str) -> float | None:
 
 def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float = 0.02, reward_replicas: int = 2,
                        learner_s: float = 0.05, groups_per_step: int = 8, max_staleness: int = 2, steps: int = 6,
-                       warmup_steps: int = 1, scale_at: dict[int, int] | None = None, per_worker: int = 2) -> dict:
+                       warmup_steps: int = 1, scale_at: dict[int, int] | None = None,
+                       autoscale: AutoscaleConfig | None = None, named_control: bool = False, per_worker: int = 2) -> dict:
     """One simulated run (groups of one clip) -> JSON-able dict: "row" (SIM_COLUMNS), "steps" (SIM_STEP_COLUMNS
-    per step), and, with `scale_at` {step: replicas}, "reward_scaling": reward groups/s before and after each resize.
+    per step) and "reward_scaling" (reward groups/s per run of steps at one replica count, SCALE_COLUMNS).
     Durations are seconds of device time per group (rollout, reward) and per learner step; `per_worker` is the
-    Pipeline's rollouts queued per actor (train_loop uses its default, 2)."""
+    Pipeline's rollouts queued per actor (train_loop uses its default, 2). The reward pool ("simulated") is resized
+    as in `videorl train`: `scale_at` {step: replicas} requests through the run's control actor, `autoscale` is the
+    pool's autoscaler, and with `named_control` the control actor is `videorl-control`, so
+    `videorl scale --address ... --reward simulated=N` reaches this run from another process."""
     if n_rollout < 1 or reward_replicas < 1 or groups_per_step < 1 or max_staleness < 0:
         raise ValueError(f"need n_rollout, reward_replicas, groups_per_step >= 1 and max_staleness >= 0, got "
                          f"{n_rollout}, {reward_replicas}, {groups_per_step}, {max_staleness}")
@@ -96,22 +110,25 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
     scale_at = {int(k): int(v) for k, v in (scale_at or {}).items()}
     if any(not 0 <= k < steps or v < 1 for k, v in scale_at.items()):
         raise ValueError(f"scale_at needs {{step in [0, {steps}): replicas >= 1}}, got {scale_at}")
+    from actors.control import control_actor
     from actors.simulated import simulated_learner_actor, simulated_reward_actor, simulated_rollout_actor
 
     rollouts = [simulated_rollout_actor(i, rollout_s) for i in range(n_rollout)]
     pool = RewardPool("simulated", lambda name: simulated_reward_actor(name, reward_s), reward_replicas)
     learner = simulated_learner_actor(learner_s)
+    control = control_actor([pool.model], named=named_control)
     try:
         ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values(), learner]])  # start-up is not measured
         ledger = Ledger()
         pipe = Pipeline(rollouts, {"simulated": pool}, {"simulated": ["score"]}, PromptCursor(["simulated"], 0),
                         StalenessManager(groups_per_step, max_staleness), ledger, seed=0, per_worker=per_worker)
-        marks = drive(pipe, learner, steps, groups_per_step, "score", pool=pool, scale_at=scale_at)
+        marks = drive(pipe, learner, steps, groups_per_step, "score", pool=pool, control=control,
+                      rules={pool.model: autoscale}, scale_at=scale_at)
         held_balance = ledger.balance(pipe.held())
         pipe.close()
     finally:
         pool.shutdown()
-        for handle in [*rollouts, learner]:
+        for handle in [*rollouts, learner, control]:
             ray.kill(handle, no_restart=True)
 
     w, end = warmup_steps, steps
@@ -121,7 +138,7 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
     def bound_at(replicas: int) -> float:  # groups/s of the slowest stage
         return min(n_rollout / rollout_s, replicas / reward_s, groups_per_step / learner_s)
 
-    # with scale_at the bound moves: the ideal time is each step's groups at that step's bound
+    # with resizes the bound moves: the ideal time is each step's groups at that step's bound
     ideal_s = sum(groups_per_step / bound_at(marks[i]["replicas"]) for i in range(w + 1, end + 1))
     bound = (end - w) * groups_per_step / ideal_s
     replica_seconds = sum(marks[i]["replicas"] * (marks[i]["t"] - marks[i - 1]["t"]) for i in range(w + 1, end + 1))
@@ -138,24 +155,31 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
     per_step = [{"step": i - 1, "seconds": marks[i]["t"] - marks[i - 1]["t"], "reward_replicas": marks[i]["replicas"],
                  "reward_groups_per_s": _rate(marks, i - 1, i, "scored"),
                  "groups_per_s": groups_per_step / (marks[i]["t"] - marks[i - 1]["t"])} for i in range(1, end + 1)]
-    out = {"mode": "simulated", "row": row, "steps": per_step, "ledger": balance, "ledger_before_close": held_balance,
-           "settings": {"rollout_s": rollout_s, "reward_s": reward_s, "reward_replicas": reward_replicas,
-                        "learner_s": learner_s, "groups_per_step": groups_per_step, "max_staleness": max_staleness,
-                        "steps": steps, "warmup_steps": warmup_steps, "per_worker": per_worker,
-                        "scale_at": {str(k): v for k, v in scale_at.items()}}}
-    if scale_at:
-        # before: from the end of warm-up (or of the previous resize's window) to the resize; after: from the
-        # first step boundary at which the new replicas are up (start-up excluded) to the next resize or the end
-        cuts = sorted(scale_at)
-        out["reward_scaling"] = []
-        for i, s in enumerate(cuts):
-            stop = cuts[i + 1] if i + 1 < len(cuts) else end
-            up = next((j for j in range(s + 1, stop + 1) if marks[j]["replicas_up"]), stop)
-            out["reward_scaling"].append({
-                "step": s, "replicas": scale_at[s], "after_from_step": up,
-                "reward_groups_per_s_before": _rate(marks, max(w, cuts[i - 1] + 1 if i else 0), s, "scored"),
-                "reward_groups_per_s_after": _rate(marks, up, stop, "scored")})
-    return out
+    return {"mode": "simulated", "row": row, "steps": per_step, "reward_scaling": _scaling_segments(marks, w),
+            "ledger": balance, "ledger_before_close": held_balance,
+            "settings": {"rollout_s": rollout_s, "reward_s": reward_s, "reward_replicas": reward_replicas,
+                         "learner_s": learner_s, "groups_per_step": groups_per_step, "max_staleness": max_staleness,
+                         "steps": steps, "warmup_steps": warmup_steps, "per_worker": per_worker,
+                         "scale_at": {str(k): v for k, v in scale_at.items()},
+                         "autoscale": autoscale.model_dump() if autoscale else None}}
+
+
+def _scaling_segments(marks: list[dict], warmup_steps: int) -> list[dict]:
+    """Runs of steps at one reward replica count -> SCALE_COLUMNS rows. Each run's reward groups/s is measured
+    from its first step boundary after warm-up at which every replica has started (start-up excluded) to its end;
+    None when no such window is left (e.g. a one-step run while an autoscaler grows the pool)."""
+    runs = []
+    for i in range(1, len(marks)):  # marks[i] closes step i - 1
+        if runs and runs[-1]["reward_replicas"] == marks[i]["replicas"]:
+            runs[-1]["last_step"] = i - 1
+        else:
+            runs.append({"reward_replicas": marks[i]["replicas"], "first_step": i - 1, "last_step": i - 1})
+    for r in runs:
+        end = r["last_step"] + 1
+        start = next((j for j in range(max(r["first_step"], warmup_steps), end) if marks[j]["replicas_up"]), end)
+        r["measured_from_step"] = start
+        r["reward_groups_per_s"] = _rate(marks, start, end, "scored")
+    return runs
 
 
 def simulated_sweep(actor_counts: tuple[int, ...] = (1, 2, 4, 8, 16), measure_s: float = 4.0, warmup_steps: int = 1,

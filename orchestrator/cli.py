@@ -209,11 +209,12 @@ def cmd_bench_pipeline(args) -> None:
     if args.mode in ("simulated", "both"):
         kw = dict(rollout_s=args.rollout_s, reward_s=args.reward_s, reward_replicas=args.reward_replicas,
                   learner_s=args.learner_s, groups_per_step=args.groups_per_step, max_staleness=args.max_staleness)
-        if args.scale_at:
-            scale_at = dict(map(int, item.split("=")) for item in args.scale_at)
-            run = bench.simulated_pipeline(args.actors[-1], steps=args.sim_steps or 12, scale_at=scale_at, **kw)
+        if args.scale_at or args.autoscale or args.control:
+            scale_at = dict(map(int, item.split("=")) for item in args.scale_at or [])
+            run = bench.simulated_pipeline(args.actors[-1], steps=args.sim_steps or 12, scale_at=scale_at,
+                                           autoscale=_autoscale_arg(args.autoscale), named_control=args.control, **kw)
             print(format_table(run["steps"], bench.SIM_STEP_COLUMNS))
-            print(f"reward throughput: {run['reward_scaling']}")
+            print("\nreward throughput per replica count\n" + format_table(run["reward_scaling"], bench.SCALE_COLUMNS))
             result["simulated"] = run
         else:
             sweep = bench.simulated_sweep(tuple(args.actors), **kw)
@@ -222,6 +223,20 @@ def cmd_bench_pipeline(args) -> None:
             result["simulated"] = sweep
     path = write_json(result, Path(args.out) / "bench_pipeline.json")
     print(f"\nwrote {path}")
+
+
+def _autoscale_arg(text: str | None):
+    """A YAML mapping of AutoscaleConfig fields, e.g. '{min: 1, max: 3, upscale_patience: 3}' (None for None)."""
+    if text is None:
+        return None
+    import yaml
+
+    from orchestrator.autoscale import AutoscaleConfig
+
+    fields = yaml.safe_load(text)
+    if not isinstance(fields, dict):
+        raise ValueError(f"--autoscale takes a mapping such as '{{min: 1, max: 3}}', got {text!r}")
+    return AutoscaleConfig(**fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,7 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-staleness", type=int, default=2)
     p.add_argument("--sim-steps", type=int, help="simulated steps when scaling (default 12)")
     p.add_argument("--scale-at", action="append", metavar="STEP=REPLICAS",
-                   help="simulated: set the reward replicas at a step (one run at the largest --actors)")
+                   help="simulated: request reward replicas at a step through the control actor, as `videorl scale` "
+                        "does (one run at the largest --actors)")
+    p.add_argument("--autoscale", metavar="'{min: 1, max: 3, ...}'",
+                   help="simulated: let the autoscaler size the reward pool (one run at the largest --actors)")
+    p.add_argument("--control", action="store_true",
+                   help="simulated: name the run's control actor so `videorl scale --address ... --reward simulated=N` "
+                        "from another shell resizes it (one run at the largest --actors)")
     p.set_defaults(func=cmd_bench_pipeline)
     return parser
 

@@ -114,7 +114,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
     chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools)
     scored_before = {name: 0 for name in pipe.pools}
-    calm = {name: 0 for name in pipe.pools}
+    streaks = {name: 0 for name in pipe.pools}
     while run.step < cfg.train.steps and not (stop and stop.is_set()):
         t0 = time.perf_counter()
         batch = pipe.next_batch(cfg.train.groups_per_step, learner_version=run.step)
@@ -135,7 +135,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
         run.next_group = pipe.next_group
         scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
         row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
-        row.update(_scale_reward_pools(cfg, actors, pipe, scored_before, scored, time.perf_counter() - t0, calm))
+        row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0, streaks))
         scored_before = scored
         if victim := chaos.maybe_kill():
             print(f"chaos: killed {victim}")
@@ -172,24 +172,16 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
     return row
 
 
-def _scale_reward_pools(cfg: Config, actors: RunActors, pipe: Pipeline, before: dict, after: dict, seconds: float,
-                        calm: dict) -> dict:
+def _scale_reward_pools(cfg: Config, actors: RunActors, pipe: Pipeline, steps_done: int, before: dict, after: dict,
+                        seconds: float, streaks: dict) -> dict:
     """Apply `videorl scale` requests and autoscaling; report replicas and reward throughput per model."""
-    from orchestrator.autoscale import decide
+    from orchestrator.autoscale import apply_scaling
 
     requests = ray.get(actors.control.take_requests.remote())
-    row = {}
-    for name, pool in pipe.pools.items():
-        spec = cfg.rewards.models[name]
-        if name in requests:
-            pool.scale_to(requests[name])
-        elif spec.autoscale is not None:
-            replicas, calm[name] = decide(spec.autoscale, pool.size, pool.in_flight, calm[name])
-            if replicas != pool.size:
-                pool.scale_to(replicas)
-        row[f"replicas/{name}"] = pool.size
-        row[f"throughput/reward_{name}_batches_per_s"] = (after[name] - before[name]) / seconds
-    actors.control.report.remote({name: pool.size for name, pool in pipe.pools.items()})
+    sizes = apply_scaling(pipe.pools, requests, {n: s.autoscale for n, s in cfg.rewards.models.items()}, streaks)
+    actors.control.report.remote({"steps_done": steps_done, "reward_replicas": sizes})
+    row = {f"replicas/{name}": n for name, n in sizes.items()}
+    row.update({f"throughput/reward_{name}_batches_per_s": (after[name] - before[name]) / seconds for name in sizes})
     return row
 
 

@@ -4,12 +4,18 @@ Stage durations are sleeps inside the actors, so throughputs are set by them, no
 load; the bounds below leave wide margins and no test asserts on a wall-clock time.
 """
 
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import ray
 
 from actors.simulated import simulated_learner_actor, simulated_reward_actor, simulated_rollout_actor
+from orchestrator.autoscale import AutoscaleConfig
 from orchestrator.bench import drive, real_pipeline, simulated_pipeline
 from orchestrator.config import load_config
 from orchestrator.ledger import Ledger
@@ -39,16 +45,82 @@ def test_simulated_throughput_rises_with_rollout_actors(ray_cluster):
         simulated_pipeline(1, rollout_s=0.0)
 
 
-def test_scaling_the_reward_pool_mid_run_raises_reward_throughput(ray_cluster):
-    # reward is the bottleneck (1 replica: 5 groups/s against 40 for rollout); 3 replicas from step 3
-    run = simulated_pipeline(2, rollout_s=0.05, reward_s=0.2, reward_replicas=1, learner_s=0.01, groups_per_step=4,
-                             max_staleness=2, steps=10, warmup_steps=1, scale_at={3: 3})
+# reward is the bottleneck: one replica scores 1 / 0.2 s = 5 groups/s against 40 for the two rollout actors
+REWARD_BOUND = {"rollout_s": 0.05, "reward_s": 0.2, "reward_replicas": 1, "learner_s": 0.01, "groups_per_step": 4,
+                "max_staleness": 2}
+
+
+def _throughput_by_replicas(run: dict) -> dict[int, float]:
+    return {seg["reward_replicas"]: seg["reward_groups_per_s"] for seg in run["reward_scaling"]}
+
+
+def test_a_scale_request_mid_run_raises_reward_throughput(ray_cluster):
+    """scale_at sends the control actor the request `videorl scale --reward simulated=3` sends."""
+    run = simulated_pipeline(2, steps=10, warmup_steps=1, scale_at={3: 3}, **REWARD_BOUND)
     assert [s["reward_replicas"] for s in run["steps"]] == [1, 1, 1] + [3] * 7
-    (scaled,) = run["reward_scaling"]
-    assert scaled["step"] == 3 and scaled["replicas"] == 3 and scaled["after_from_step"] <= 8
-    assert scaled["reward_groups_per_s_before"] < 5.5  # one replica cannot beat 1 / 0.2 s
-    assert scaled["reward_groups_per_s_after"] > 1.8 * scaled["reward_groups_per_s_before"]
+    one, three = run["reward_scaling"]
+    assert (one["first_step"], one["last_step"], three["first_step"], three["last_step"]) == (0, 2, 3, 9)
+    assert three["measured_from_step"] <= 8
+    assert one["reward_groups_per_s"] < 5.5  # one replica cannot beat 1 / 0.2 s
+    assert three["reward_groups_per_s"] > 1.8 * one["reward_groups_per_s"]
     assert run["row"]["balanced"] and run["ledger"]["consumed"] == 10 * 4
+
+
+def test_the_autoscaler_grows_a_backed_up_reward_pool_to_its_max(ray_cluster):
+    rule = AutoscaleConfig(min=1, max=3, target_backlog=1.0, upscale_patience=3)
+    run = simulated_pipeline(2, steps=14, warmup_steps=1, autoscale=rule, **REWARD_BOUND)
+    replicas = [s["reward_replicas"] for s in run["steps"]]
+    assert replicas[:5] == [1, 1, 1, 2, 2] and replicas[-1] == 3  # after 3 backed-up steps, one at a time
+    assert replicas == sorted(replicas) and all(b - a <= 1 for a, b in zip(replicas, replicas[1:]))
+    rates = _throughput_by_replicas(run)
+    assert rates[1] < 5.5 and rates[3] > 1.8 * rates[1]
+    assert run["row"]["balanced"]
+
+
+def test_videorl_scale_from_another_process_resizes_a_running_pool(ray_cluster, tmp_path):
+    """The by-hand path end to end: the real `videorl scale` CLI in a subprocess finds the run's named control
+    actor on this cluster and the running pool grows at the next step."""
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(simulated_pipeline(
+        2, steps=60, warmup_steps=1, named_control=True, **{**REWARD_BOUND, "reward_s": 0.1})), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while _run_step() < 3 and time.monotonic() < deadline:  # let the run go a few steps at one replica
+        time.sleep(0.1)
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "scale", "--address", address,
+                          "--reward", "simulated=3"], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert "requested {'simulated': 3}" in out.stdout
+    runner.join(timeout=120)
+    assert not runner.is_alive()
+    replicas = [s["reward_replicas"] for s in result["steps"]]
+    assert replicas[0] == 1 and replicas[-1] == 3, replicas
+    rates = _throughput_by_replicas(result)
+    assert rates[3] > 1.8 * rates[1]
+    assert not _control_exists()  # the run's control actor is gone with the run
+
+
+def _control_exists() -> bool:
+    from actors.control import NAME, NAMESPACE
+
+    try:
+        ray.get_actor(NAME, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _run_step() -> int:
+    """Learner steps the running job has reported done (-1 before its first report)."""
+    from actors.control import find_control
+
+    try:
+        return ray.get(find_control().get_status.remote()).get("steps_done", -1)
+    except ValueError:
+        return -1
 
 
 def test_dropped_groups_give_their_admission_slot_back(ray_cluster):
