@@ -166,8 +166,9 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
 
 def _scaling_segments(marks: list[dict], warmup_steps: int) -> list[dict]:
     """Runs of steps at one reward replica count -> SCALE_COLUMNS rows. Each run's reward groups/s is measured
-    from its first step boundary after warm-up at which every replica has started (start-up excluded) to its end;
-    None when no such window is left (e.g. a one-step run while an autoscaler grows the pool)."""
+    from its first step boundary after warm-up (after the resize's own step) at which every replica has started
+    (start-up excluded) to its end; None when no such window is left (e.g. a one-step run while an autoscaler
+    grows the pool)."""
     runs = []
     for i in range(1, len(marks)):  # marks[i] closes step i - 1
         if runs and runs[-1]["reward_replicas"] == marks[i]["replicas"]:
@@ -176,7 +177,8 @@ def _scaling_segments(marks: list[dict], warmup_steps: int) -> list[dict]:
             runs.append({"reward_replicas": marks[i]["replicas"], "first_step": i - 1, "last_step": i - 1})
     for r in runs:
         end = r["last_step"] + 1
-        start = next((j for j in range(max(r["first_step"], warmup_steps), end) if marks[j]["replicas_up"]), end)
+        first = r["first_step"] + 1 if r["first_step"] else 0  # a resize counts from the end of its first step on
+        start = next((j for j in range(max(first, warmup_steps), end) if marks[j]["replicas_up"]), end)
         r["measured_from_step"] = start
         r["reward_groups_per_s"] = _rate(marks, start, end, "scored")
     return runs
