@@ -173,6 +173,23 @@ def cmd_reward(args) -> None:
         print(f"wrote {write_json(result, out / 'reward_bench.json')}")
 
 
+def cmd_compare(args) -> None:
+    from orchestrator.compare import COLUMNS, control_stats, plot_lambdas
+    from orchestrator.tables import format_table, write_json
+
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        if not r.is_dir():
+            raise FileNotFoundError(f"run directory not found: {r}")
+    rows = [row for r in runs for row in control_stats(r, smooth=args.smooth)]
+    print(f"λ control loops (violation τ − batch mean R; smoothed: trailing mean of {args.smooth} steps)")
+    print(format_table(rows, COLUMNS))
+    out = Path(args.out)
+    path = write_json({"smooth": args.smooth, "rows": rows}, out / "compare.json")
+    plot_lambdas(runs, smooth=args.smooth).savefig(out / "compare_lambda.png", dpi=110)
+    print(f"\nwrote {path} and {out / 'compare_lambda.png'}")
+
+
 def cmd_bench_kvcache(args) -> None:
     from orchestrator.config import base_checkpoint_dir
     from orchestrator.pretraining import CHECKPOINT
@@ -290,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
     p.add_argument("--reward", action="append", required=True, metavar="NAME=N", help="reward model and replica count")
     p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("compare", help="λ control loops of finished runs side by side (PID vs primal-dual ablation)",
+                       description="λ control loops of finished runs side by side (PID vs primal-dual ablation)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--smooth", type=int, default=10, help="trailing-mean window for the smoothed violation (steps)")
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(func=cmd_compare)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
