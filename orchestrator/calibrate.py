@@ -88,7 +88,7 @@ def calibrate_base_model(
 
     start = time.perf_counter()
     samples = evaluate(model, sampler=sampler, eta=eta, steps=steps, mode=mode,
-                       seeds_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size)
+                       seeds_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size, desc="calibrate: base samples")
     sampled = time.perf_counter()
     scores = score_in_batches(score, samples.videos, samples.prompts, batch_size=max(batch_size, 256))
     scored = time.perf_counter()

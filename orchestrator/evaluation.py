@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from policy.model import VideoDiT, model_to_videos
 from policy.sampling import sample
@@ -38,18 +39,19 @@ def evaluate(
     seed: int,
     prompts: list[str] | None = None,
     batch_size: int = 64,
+    desc: str | None = None,
 ) -> EvalResult:
     """Generate `seeds_per_prompt` clips per prompt (default: the held-out split) with fixed seeds.
 
     The same (prompts, seed) always draws the same initial noise, so two checkpoints evaluated
-    with equal arguments are compared on identical starting points.
+    with equal arguments are compared on identical starting points. `desc` shows a progress bar.
     """
     prompts = prompts or [p.text for p in heldout_prompts()]
     texts = [p for p in prompts for _ in range(seeds_per_prompt)]
     ids = WordTokenizer(model.cfg.vocab).encode(texts)
     gen = torch.Generator().manual_seed(seed)
     clips = []
-    for start in range(0, len(texts), batch_size):
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None):
         traj = sample(model, ids[start : start + batch_size], steps=steps, sde_type=sampler, eta=eta, mode=mode, generator=gen)
         clips.append(to_uint8(model_to_videos(traj.videos)))
     videos = np.concatenate(clips)
