@@ -16,6 +16,8 @@ raises `DataError` naming the sample id, so it is never retried and never reache
 
 from __future__ import annotations
 
+import json
+
 import zlib
 from pathlib import Path
 
@@ -34,20 +36,24 @@ class RewardScorer:
     frame_shape: the clip shape every sample must have, (T, H, W, 3).
     device: where a learned model runs; None = "cuda" when a GPU is visible (Ray shows an actor only the
     GPUs it asked for), else "cpu". Scores come back as numpy either way.
-    For "feedback": `users_seed` fixes the simulated user population, `impression_rate` the chance a
-    sample is shown to a user, `mix` the weight of a real click against the dense prediction.
+    For "feedback": `users_seed` and `n_users` fix the simulated user population, `impression_rate` the
+    chance a sample is shown to a user, `mix` the weight of a real click against the dense prediction.
+    Left as None they come from the checkpoint directory's engagement.json (the population whose click
+    logs trained the predictor), else 0, 100, 0.3 and 0.5.
     """
 
     def __init__(self, kind: str, checkpoint: str | Path | None = None,
                  frame_shape: tuple[int, int, int, int] = (8, 16, 16, 3), *,
-                 device: str | None = None, users_seed: int = 0, impression_rate: float = 0.3, mix: float = 0.5):
+                 device: str | None = None, users_seed: int | None = None, n_users: int | None = None,
+                 impression_rate: float | None = None, mix: float | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown reward kind {kind!r}; expected one of {list(KINDS)}")
         frame_shape = tuple(int(x) for x in frame_shape)
         if len(frame_shape) != 4 or frame_shape[3] != 3 or min(frame_shape) < 1:
             raise ValueError(f"frame_shape must be (T, H, W, 3), got {frame_shape}")
-        if not (0.0 <= impression_rate <= 1.0 and 0.0 <= mix <= 1.0):
-            raise ValueError(f"impression_rate and mix must lie in [0, 1], got {impression_rate} and {mix}")
+        for name, value in (("impression_rate", impression_rate), ("mix", mix)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"impression_rate and mix must lie in [0, 1], got {name}={value}")
         self.kind = kind
         self.frame_shape = frame_shape
         self.model = None
@@ -72,8 +78,11 @@ class RewardScorer:
             from rewards.feedback import UserPopulation
 
             self.model = _load_engagement(path).to(_device(device))
-            self.users = UserPopulation(seed=users_seed)
-            self.users_seed, self.impression_rate, self.mix = users_seed, impression_rate, mix
+            logged = _engagement_config(path)
+            self.users_seed = logged.get("seed", 0) if users_seed is None else users_seed
+            self.impression_rate = logged.get("impression_rate", 0.3) if impression_rate is None else impression_rate
+            self.mix = logged.get("mix", 0.5) if mix is None else mix
+            self.users = UserPopulation(self.users_seed, logged.get("n_users", 100) if n_users is None else n_users)
             self.dims = ("feedback",)
 
     def score(self, videos, prompts: list[str], ids: list[str]) -> np.ndarray:
@@ -130,6 +139,17 @@ def _device(device: str | None) -> str:
     import torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _engagement_config(path: Path) -> dict:
+    """The EngagementConfig a predictor directory was trained with ({} for a bare weights file)."""
+    meta = path / "engagement.json" if path.is_dir() else path.with_name("engagement.json")
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text()).get("config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{meta}: not a readable engagement.json ({e})") from None
 
 
 def _load_engagement(path: Path):

@@ -1,4 +1,6 @@
 """RewardScorer: each kind against its module computed directly, and every bad sample named by a DataError."""
+
+import json
 import zlib
 
 import numpy as np
@@ -141,6 +143,17 @@ def test_feedback_kind_mixes_dense_predictions_with_per_sample_clicks(tmp_path):
     # no impressions: R_f is the dense prediction alone
     dense_only = RewardScorer("feedback", tmp_path / "eng.safetensors", impression_rate=0.0)
     np.testing.assert_allclose(dense_only.score(videos, prompts, ids)[:, 0], dense, rtol=0, atol=1e-6)
+
+    # a predictor directory carries the population its click logs came from (engagement.json's config)
+    trained = tmp_path / "engagement-dir"
+    trained.mkdir()
+    (trained / "model.safetensors").write_bytes((tmp_path / "eng.safetensors").read_bytes())
+    (trained / "engagement.json").write_text(json.dumps(
+        {"config": {"seed": 3, "n_users": 7, "impression_rate": 1.0, "mix": 0.25}}))
+    logged = RewardScorer("feedback", trained)
+    assert (logged.users_seed, logged.impression_rate, logged.mix) == (3, 1.0, 0.25)
+    np.testing.assert_array_equal(logged.users.weights, UserPopulation(3, 7).weights)
+    assert RewardScorer("feedback", trained, mix=0.5).mix == 0.5  # an explicit argument wins
 
     with torch.no_grad():
         predictor.head.bias.fill_(float("nan"))
