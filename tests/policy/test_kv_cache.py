@@ -4,22 +4,8 @@ import pytest
 import torch
 
 from policy.kv_cache import RollingKVCache, attended_frames, retained_frames
-from policy.model import ModelConfig, VideoDiT
 from policy.sampling import sample
-
-VOCAB = (
-    "a moving red green blue yellow cyan magenta white square circle triangle left right up down slowly quickly"
-).split()
-
-
-def make_model(**kw) -> VideoDiT:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = VideoDiT(ModelConfig(vocab=VOCAB, dim=32, depth=2, heads=2, **kw))
-        with torch.no_grad():  # adaLN-Zero starts at v = 0: perturb every weight so every path matters
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model
+from tests.policy.helpers import make_model
 
 
 def test_math_section_7_traces():

@@ -4,24 +4,11 @@ import pytest
 import torch
 
 from policy.kv_bench import kvcache_benchmark
-from policy.model import ModelConfig, VideoDiT
 from policy.sampling import recompute_log_probs, sample
 from policy.sde import SDE_TYPES
+from tests.policy.helpers import make_model
 
-VOCAB = (
-    "a moving red green blue yellow cyan magenta white square circle triangle left right up down slowly quickly"
-).split()
 IDS = torch.tensor([[1, 3, 10, 0], [1, 4, 11, 13]])
-
-
-def make_model(**kw) -> VideoDiT:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = VideoDiT(ModelConfig(vocab=VOCAB, dim=32, depth=2, heads=2, **kw))
-        with torch.no_grad():  # adaLN-Zero starts at v = 0: perturb every weight so every path matters
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def gen(seed=0):
