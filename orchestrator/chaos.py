@@ -1,4 +1,4 @@
-"""Chaos: kill a random rollout or reward actor every `kill_every_s` seconds (Ray restarts it).
+"""Chaos: kill a random rollout or reward actor (or the constraint controller) every `kill_every_s` seconds.
 
 For tests, and for users who want to see their cluster survive: the work the victim held is
 retried elsewhere and the ledger shows it (retried > 0, lost = 0).
@@ -18,13 +18,13 @@ class ChaosConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kill_every_s: float | None = Field(None, gt=0)  # None: no chaos
-    roles: list[Literal["rollout", "reward"]] = ["rollout", "reward"]
+    roles: list[Literal["rollout", "reward", "controller"]] = ["rollout", "reward"]
     seed: int = 0
 
 
 class ChaosMonkey:
-    def __init__(self, cfg: ChaosConfig, rollouts: list, pools: dict):
-        self.cfg, self.rollouts, self.pools = cfg, rollouts, pools
+    def __init__(self, cfg: ChaosConfig, rollouts: list, pools: dict, controller=None):
+        self.cfg, self.rollouts, self.pools, self.controller = cfg, rollouts, pools, controller
         self.rng = random.Random(cfg.seed)
         self.last = time.monotonic()
         self.kills: list[str] = []
@@ -35,6 +35,8 @@ class ChaosMonkey:
             out += [(f"rollout-{i}", h) for i, h in enumerate(self.rollouts)]
         if "reward" in self.cfg.roles:
             out += [(name, h) for pool in self.pools.values() for name, h in pool.replicas.items()]
+        if "controller" in self.cfg.roles and self.controller is not None:
+            out.append(("constraint-controller", self.controller))
         return out
 
     def maybe_kill(self) -> str | None:

@@ -46,6 +46,7 @@ class Run:
         self.cursor = PromptCursor(prompts, cfg.train.seed)
         self.step, self.next_group, self.rollout_rows = 0, 0, []
         self.lambdas = {c: 0.0 for c in taus}
+        self.controller_state = ray.get(actors.controller.state_dict.remote())  # as of the last update: survives a controller restart
         self.samples = 0
         self.started = time.perf_counter()
 
@@ -56,7 +57,7 @@ class Run:
         state = {
             "step": self.step, "next_group": self.next_group, "cursor": self.cursor.state_dict(), "held": sorted(held),
             "ledger": self.ledger.state_dict(), "learner": learner_state, "samples": self.samples,
-            "controller": ray.get(self.actors.controller.state_dict.remote()), "lambdas": self.lambdas,
+            "controller": self.controller_state, "lambdas": self.lambdas,
         }
         save_checkpoint(self.dir, self.step, tensors, state)
         _write_parquet(self.rollout_rows, self.dir / "rollouts.parquet")
@@ -70,6 +71,7 @@ class Run:
         s = ckpt.state
         ray.get(self.actors.learner.load_state.remote(ckpt.tensors, s["learner"]))
         ray.get(self.actors.controller.load_state_dict.remote(s["controller"]))
+        self.controller_state = s["controller"]
         self.step, self.next_group, self.samples, self.lambdas = s["step"], s["next_group"], s["samples"], s["lambdas"]
         self.cursor.epoch, self.cursor.index = s["cursor"]["epoch"], s["cursor"]["index"]
         self.ledger = Ledger.from_state_dict(s["ledger"])
@@ -112,7 +114,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     dash = DashboardMetrics()
     pipe.publish(run.step, actors.learner.weights.remote())
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
-    chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools)
+    chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller)
     scored_before = {name: 0 for name in pipe.pools}
     streaks = {name: 0 for name in pipe.pools}
     while run.step < cfg.train.steps and not (stop and stop.is_set()):
@@ -126,7 +128,8 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
         stats = ray.get(update)
         means = batch_means(batch)
         lambdas_used = dict(run.lambdas)
-        run.lambdas = ray.get(actors.controller.update.remote({c: means[c] for c in taus}))
+        run.lambdas, run.controller_state = ray.get(
+            actors.controller.update.remote({c: means[c] for c in taus}, run.controller_state))
         run.step += 1
         pipe.publish(run.step, actors.learner.weights.remote())
         for g in batch:

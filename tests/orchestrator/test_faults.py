@@ -40,6 +40,20 @@ def test_chaos_kills_actors_and_nothing_is_lost(tmp_path, ray_cluster):
     assert ledger["consumed"] == 12 * 2
 
 
+def test_lambda_stays_continuous_when_the_controller_dies(tmp_path, ray_cluster):
+    """A strict constraint (τ 3.0 on an oracle score <= 1) keeps λ climbing by ~Ki·Δ per step; a controller that
+    restarted from scratch would drop it back to about one step's worth."""
+    (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 3.0}\n")
+    cfg = load_config(None, [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={tmp_path / 'cache'}",
+                             "train.steps=12", "chaos.kill_every_s=0.3", "chaos.roles=[controller]",
+                             "train.checkpoint_every=100"])
+    run_training(cfg, tmp_path / "run", progress=False)
+    m = read_metrics(tmp_path / "run")
+    assert m["chaos/kills"][-1] >= 2
+    lam = m["lambda/vq"]
+    assert np.all(np.diff(lam) > 0), lam
+
+
 def _train_cmd(cfg_args: list[str], *extra: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "train", *cfg_args, *extra]
 
