@@ -4,8 +4,8 @@ Two questions, answered with plain rows (list of dicts) the CLI prints and write
 - "length": does per-chunk time and cache memory stay flat as clips grow past the training length?
 - "group": how much faster is a group of G candidates that shares a frozen prefix (generated once,
   cache broadcast) than G independent rollouts of prefix + candidate (batched together)?
-Timings use time.perf_counter; the compared variants run interleaved and repeated, and the median is
-reported, so machine noise hits both alike.
+Timings use time.perf_counter; the compared variants (lengths; shared vs independent) run interleaved
+and repeated, and the median is reported, so machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -47,29 +47,34 @@ def kvcache_benchmark(
     gen = torch.Generator().manual_seed(seed)
     # one prompt of the first vocabulary word: the content does not matter for timing
     prompt = torch.ones(1, 1, dtype=torch.long, device=model.pos_embed.device)
-    rows = []
+    runs, seen = {}, {}
     for mult in lengths:
         frames = mult * cfg.frames
-        seen = {"bytes": 0, "frames": 0}
+        seen[frames] = {"bytes": 0, "frames": 0}
 
-        def watch(j, cache):
+        def watch(j, cache, seen=seen[frames]):
             seen["bytes"] = max(seen["bytes"], cache.nbytes())
             seen["frames"] = max(seen["frames"], len(cache.frame_positions))
 
-        run = partial(
+        runs[frames] = partial(
             sample, model, prompt, steps=steps, mode="causal", num_frames=frames, generator=gen, on_chunk=watch
         )
-        run()  # warm-up
-        times = [_timed(run) for _ in range(repeats)]
+        runs[frames]()  # warm-up
+    times = {frames: [] for frames in runs}
+    for _ in range(repeats):  # lengths interleaved, so machine noise hits every length alike
+        for frames, run in runs.items():
+            times[frames].append(_timed(run))
+    rows = []
+    for frames in runs:
         n_chunks = frames // cfg.chunk
         rows.append(
             {
                 "bench": "length",
                 "frames": frames,
                 "chunks": n_chunks,
-                "ms_per_chunk": 1000 * statistics.median(times) / n_chunks,
-                "cache_bytes_max": seen["bytes"],
-                "cache_frames_max": seen["frames"],
+                "ms_per_chunk": 1000 * statistics.median(times[frames]) / n_chunks,
+                "cache_bytes_max": seen[frames]["bytes"],
+                "cache_frames_max": seen[frames]["frames"],
             }
         )
 
