@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.calibrate import calibrate_base_model, score_in_batches
+from orchestrator.calibrate import calibrate_base_model
 from orchestrator.config import Config, cache_dir, fingerprint
 from orchestrator.evaluation import evaluate
 from orchestrator.pretraining import ensure_base_model
 from orchestrator.prompts import load_prompt_file
 from policy.model import VideoDiT
 from rewards.calibration import load_profile, profile_taus, read_calibration
+from rewards.errors import DataError
 from rewards.scorer import RewardScorer
 from rewards.world import Prompt, train_prompts
 
@@ -59,9 +60,11 @@ def scorers(cfg: Config, checkpoints: dict[str, str | None]) -> dict[str, Reward
     return {name: RewardScorer(spec.kind, checkpoints[name], shape) for name, spec in cfg.rewards.models.items()}
 
 
-def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
-    """{reward name: [N]} from every reward model, in-process (calibration, evaluation)."""
-    ids = [f"clip-{i}" for i in range(len(prompts))]
+def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, prompts: list[str],
+              ids: list[str] | None = None) -> dict[str, np.ndarray]:
+    """{reward name: [N]} from every reward model, in-process (calibration, evaluation). A bad sample raises
+    `DataError` naming its id (default ids: clip-<i>)."""
+    ids = ids or [f"clip-{i}" for i in range(len(prompts))]
     out = {}
     for name, scorer in models.items():
         scores = scorer.score(videos, prompts, ids)
@@ -70,15 +73,27 @@ def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, 
     return out
 
 
-def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model: VideoDiT) -> dict[str, float]:
+def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model: VideoDiT) -> tuple[dict[str, float], list[str]]:
     """Every reward's mean on the held-out prompts for `model`, sampled the way the calibration sampled
-    the base model (the rollout sampler): the value each constraint's τ is compared with after training."""
+    the base model (the rollout sampler): the value each constraint's τ is compared with after training.
+    A clip some reward model rejects (`DataError`) is left out of every mean; returns (means, left-out ids)."""
     r = cfg.rollout
     res = evaluate(model, sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode,
                    seeds_per_prompt=cfg.eval.constraint_samples_per_prompt, seed=cfg.eval.seed)
     models = scorers(cfg, checkpoints)
-    scores = score_in_batches(lambda v, p: score_all(cfg, models, v, p), res.videos, res.prompts, batch_size=256)
-    return {name: float(values.mean()) for name, values in scores.items()}
+    ids = [f"held-out-{i}" for i in range(len(res.prompts))]
+    try:
+        scores, skipped = score_all(cfg, models, res.videos, res.prompts, ids), []
+    except DataError:  # score clip by clip, leaving out the ones rejected
+        parts, skipped = [], []
+        for i, sid in enumerate(ids):
+            try:
+                parts.append(score_all(cfg, models, res.videos[i : i + 1], res.prompts[i : i + 1], [sid]))
+            except DataError:
+                skipped.append(sid)
+        scores = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+    means = {name: float(values.mean()) for name, values in scores.items()}
+    return means, skipped
 
 
 def calibration_path(cfg: Config) -> Path:

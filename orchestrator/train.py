@@ -255,14 +255,14 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
         np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
     model.save(run_dir / "final" / "model.safetensors")
     # τ was measured on the base model's held-out rollouts; "final" is the same measurement on the trained policy
-    held_out = held_out_reward_means(cfg, inputs.reward_checkpoints, model)
+    held_out, skipped = held_out_reward_means(cfg, inputs.reward_checkpoints, model)
     last_quarter = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
     summary = {
         "oracle": scores,
-        "constraints": {c: {"tau": tau, "final": held_out[c], "satisfied": held_out[c] >= tau,
-                            "training_batches": last_quarter.get(c, float("nan"))}
+        "constraints": {c: {"tau": tau, "final": held_out.get(c, float("nan")), "satisfied": held_out.get(c, float("-inf")) >= tau,
+                            "training_batches": last_quarter.get(c, float("nan")), "skipped_samples": len(skipped)}
                         for c, tau in inputs.taus.items()},
-        "primary": {"name": inputs.primary, "final": held_out[inputs.primary],
+        "primary": {"name": inputs.primary, "final": held_out.get(inputs.primary, float("nan")),
                     "training_batches": last_quarter.get(inputs.primary)},
         "lambdas": run.lambdas,
         "ledger": run.ledger.balance(run.held),

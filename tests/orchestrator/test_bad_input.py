@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,7 +94,7 @@ def test_resume_with_a_different_model_shape_and_a_nan_reward_model(tmp_path, ra
             f"rewards.profile={tmp_path / 'profile.yaml'}", "rewards.calibration.samples_per_prompt=2",
             f"data.prompts={tmp_path / 'prompts.txt'}", "train.steps=4", "train.groups_per_step=2",
             "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2", "eval.steps=2", "eval.seeds_per_prompt=1",
-            f"cache_dir={tmp_path / 'cache'}"]
+            "eval.constraint_samples_per_prompt=2", f"cache_dir={tmp_path / 'cache'}"]
     with pytest.raises(ValueError, match="non-finite"):  # calibration on held-out prompts meets magenta first
         run_training(load_config(None, args), tmp_path / "run0", progress=False)
     # calibrate with the oracle instead, then train with the poisoned model as the only reward
@@ -109,6 +110,8 @@ def test_resume_with_a_different_model_shape_and_a_nan_reward_model(tmp_path, ra
     ledger = summary["ledger"]
     assert ledger["dropped_data_error"] >= 1 and ledger["skipped_samples"] >= 4
     assert ledger["balanced"] and ledger["lost"] == 0 and summary["steps"] == 4
+    # the held-out constraint check leaves the magenta clips out too, and says how many (3 prompts x 2 clips)
+    assert summary["constraints"]["vq"]["skipped_samples"] == 6 and np.isfinite(summary["constraints"]["vq"]["final"])
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--resume", str(tmp_path / "run"),
                           "model.dim=48"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     one_line_error(out, "cannot resume", "has shape")

@@ -50,8 +50,8 @@ def test_constraints_are_checked_on_held_out_rollouts_of_the_trained_policy(tiny
     """"final" is the calibration's measurement repeated on the saved final policy, compared with τ."""
     cfg, run_dir, summary = tiny_run
     vq = summary["constraints"]["vq"]
-    again = held_out_reward_means(cfg, {"oracle": None}, VideoDiT.load(run_dir / "final" / "model.safetensors"))
-    assert vq["final"] == pytest.approx(again["vq"], abs=1e-9)
+    again, skipped = held_out_reward_means(cfg, {"oracle": None}, VideoDiT.load(run_dir / "final" / "model.safetensors"))
+    assert vq["final"] == pytest.approx(again["vq"], abs=1e-9) and skipped == [] and vq["skipped_samples"] == 0
     assert vq["satisfied"] == (vq["final"] >= vq["tau"])
     assert np.isfinite(vq["training_batches"])
 
