@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.autoscale import AutoscaleConfig
+from orchestrator.cache_keys import code_version
 from orchestrator.chaos import ChaosConfig
 from orchestrator.reward_training import EngagementConfig, RewardTrainConfig
 from policy.learner import LearnerConfig
@@ -245,12 +246,15 @@ def cache_dir(cfg: Config) -> Path:
     return Path(root)
 
 
-def fingerprint(*sections: BaseModel) -> str:
-    """Short stable hash of config sections: the cache key of what they produce."""
-    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+def fingerprint(*parts: BaseModel | str) -> str:
+    """Short stable hash of config sections (and strings such as `code_version`s): the cache key of what they produce."""
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+BASE_CODE = ("policy.model", "policy.pretrain", "rewards.world", "orchestrator.pretraining")
 
 
 def base_checkpoint_dir(cfg: Config) -> Path:
     """Where `videorl pretrain` puts (and later commands find) the base model for this config."""
-    return cache_dir(cfg) / f"base-{fingerprint(cfg.model, cfg.data, cfg.pretrain)}"
+    return cache_dir(cfg) / f"base-{fingerprint(cfg.model, cfg.data, cfg.pretrain, code_version(*BASE_CODE))}"

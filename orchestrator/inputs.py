@@ -3,11 +3,13 @@ the base model, preference data, the reward models, and the SCRL calibration of 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from orchestrator.cache_keys import code_version
 from orchestrator.calibrate import calibrate_base_model
 from orchestrator.config import Config, cache_dir, fingerprint
 from orchestrator.evaluation import evaluate
@@ -96,16 +98,23 @@ def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model
     return means, skipped
 
 
-def calibration_path(cfg: Config) -> Path:
-    r = cfg.rollout
-    key = fingerprint(cfg.model, cfg.data, cfg.pretrain, cfg.rewards, r)
+def calibration_path(cfg: Config, base: Path, checkpoints: dict[str, str | None]) -> Path:
+    """Keyed by the base model and reward checkpoints (their paths carry their own keys), the config, the
+    profiles' text and the calibration code."""
+    from rewards.calibration import profiles_dir
+
+    profiles = [f.read_text() for f in sorted(profiles_dir().iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")]
+    if Path(cfg.rewards.profile).is_file():
+        profiles.append(Path(cfg.rewards.profile).read_text())
+    code = code_version("orchestrator.calibrate", "rewards.calibration", "rewards.scorer", "policy.sampling", "policy.sde")
+    key = fingerprint(cfg.rewards, cfg.rollout, str(base), json.dumps(checkpoints, sort_keys=True), *profiles, code)
     return cache_dir(cfg) / f"calibration-{key}.json"
 
 
 def ensure_calibration(cfg: Config, base: Path, checkpoints: dict[str, str | None], force: bool = False,
                        seed: int | None = None, out: Path | None = None) -> Path:
     """τ for every shipped profile (and the configured one), measured on the base model's rollouts."""
-    path = out or calibration_path(cfg)
+    path = out or calibration_path(cfg, base, checkpoints)
     if path.is_file() and not force:
         return path
     from rewards.calibration import available_profiles

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from orchestrator.cache_keys import code_version
 from rewards import losses
 from rewards.feedback import ClickLog, UserPopulation, auc, train_engagement
 from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpec, read_preference_data,
@@ -120,7 +121,9 @@ def ensure_preference_data(pref_cfg: PreferenceDataConfig, base_ckpt: Path, cach
     base_ckpt = Path(base_ckpt)
     if not base_ckpt.is_file():
         raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
-    out = Path(cache) / f"prefdata-{_key(pref_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps)}"
+    code = code_version("rewards.preference", "rewards.oracle", "rewards.world", "orchestrator.reward_data",
+                        "policy.sampling", "policy.sde")
+    out = Path(cache) / f"prefdata-{_key(pref_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps, code)}"
     if force or not (out / "pairs.parquet").is_file():
         Path(cache).mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -141,7 +144,8 @@ def _split_pairs(data_dir: Path, split: str) -> PreferencePairs:
 def reward_model_dir(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, loss: str | None = None) -> Path:
     """Where `ensure_reward_model` keeps the model for (data content, train config, loss)."""
     cfg = train_cfg.model_copy(update={"loss": loss or train_cfg.loss})
-    return Path(cache) / f"reward-{cfg.loss}-{_key(_data_key(Path(data_dir)), cfg.model_dump(mode='json'))}"
+    code = code_version("rewards.reward_model", "rewards.losses")
+    return Path(cache) / f"reward-{cfg.loss}-{_key(_data_key(Path(data_dir)), cfg.model_dump(mode='json'), code)}"
 
 
 def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, loss: str | None = None,
@@ -310,7 +314,8 @@ def ensure_engagement_model(eng_cfg: EngagementConfig, base_ckpt: Path, cache: P
     base_ckpt = Path(base_ckpt)
     if not base_ckpt.is_file():
         raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
-    out = Path(cache) / f"engagement-{_key(eng_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps)}"
+    code = code_version("rewards.feedback", "rewards.world")
+    out = Path(cache) / f"engagement-{_key(eng_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps, code)}"
     if not force and (out / "model.safetensors").is_file() and (out / "engagement.json").is_file():
         return out, json.loads((out / "engagement.json").read_text())
     start = time.perf_counter()

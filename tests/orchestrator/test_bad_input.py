@@ -103,9 +103,10 @@ def test_resume_with_a_different_model_shape_and_a_nan_reward_model(tmp_path, ra
     from orchestrator.pretraining import ensure_base_model
 
     cal_cfg = load_config(None, cal_args)
-    cal = ensure_calibration(cal_cfg, ensure_base_model(cal_cfg, progress=False), {"rm": None})
+    base = ensure_base_model(cal_cfg, progress=False)
+    cal = ensure_calibration(cal_cfg, base, {"rm": None})
     cfg = load_config(None, args)
-    calibration_path(cfg).write_bytes(cal.read_bytes())  # same τ file for the run
+    calibration_path(cfg, base, {"rm": str(tmp_path / "poisoned")}).write_bytes(cal.read_bytes())  # same τ for the run
     summary = run_training(cfg, tmp_path / "run", progress=False)
     ledger = summary["ledger"]
     assert ledger["dropped_data_error"] >= 1 and ledger["skipped_samples"] >= 4

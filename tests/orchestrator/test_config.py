@@ -95,3 +95,16 @@ def test_base_include_cycle_is_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_cache_keys_change_with_the_code_that_makes_the_cached_thing(tmp_path, monkeypatch):
+    from orchestrator.cache_keys import code_version
+
+    (tmp_path / "made_by.py").write_text("WIDTH = 64\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = code_version("made_by")
+    assert code_version("made_by") == before and code_version("made_by", "rewards.world") != before
+    (tmp_path / "made_by.py").write_text("WIDTH = 96\n")  # e.g. a reward model class changed shape
+    assert code_version("made_by") != before
+    with pytest.raises(ValueError, match="no_such_module"):
+        code_version("no_such_module")
