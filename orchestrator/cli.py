@@ -182,7 +182,8 @@ def cmd_compare(args) -> None:
         if not r.is_dir():
             raise FileNotFoundError(f"run directory not found: {r}")
     rows = [row for r in runs for row in control_stats(r, smooth=args.smooth)]
-    print(f"λ control loops (violation τ − batch mean R; smoothed: trailing mean of {args.smooth} steps)")
+    print(f"λ control loops (violation τ − batch mean R; smoothed: trailing mean of {args.smooth} steps, sign changes "
+          f"beyond its noise)")
     print(format_table(rows, COLUMNS))
     out = Path(args.out)
     path = write_json({"smooth": args.smooth, "rows": rows}, out / "compare.json")

@@ -2,8 +2,11 @@
 
 Made for the PID vs primal–dual ablation (configs/ablation_pid.yaml, configs/ablation_dual.yaml):
 per run and constraint, `rewards.constraints.oscillation_stats` of the λ trace and the violation
-Δ_t = τ − batch mean R_c from metrics.parquet, on the raw batch means (which carry sampling noise
-from a few groups per step) and on a trailing moving average (the loop's own swings).
+Δ_t = τ − batch mean R_c from metrics.parquet, on the raw batch means and on a trailing mean of
+`smooth` steps. Raw batch means of a few groups carry sampling noise (`noise`: the per-step σ of Δ,
+estimated from step-to-step differences), so raw sign changes mostly count noise crossings; the
+smoothed count ignores entries within the trailing mean's own noise (noise / √smooth) of τ and so
+counts the loop's real swings between violated and satisfied.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from matplotlib.figure import Figure
 from orchestrator.metrics import read_metrics
 from rewards.constraints import oscillation_stats
 
-COLUMNS = ["run", "controller", "constraint", "overshoot", "sign_changes", "smoothed_overshoot",
+COLUMNS = ["run", "controller", "constraint", "noise", "overshoot", "sign_changes", "smoothed_overshoot",
            "smoothed_sign_changes", "lambda_max", "lambda_final", "lambda_overshoot", "tau", "final", "satisfied"]
 
 
@@ -44,10 +47,12 @@ def control_stats(run_dir: str | Path, smooth: int = 10) -> list[dict]:
     rows = []
     for c in names:
         lam, violation = m[f"lambda/{c}"], m[f"tau/{c}"] - m[f"reward/{c}"]
-        raw, smoothed = oscillation_stats(lam, violation), oscillation_stats(lam, trailing_mean(violation, smooth))
+        noise = float(np.std(np.diff(violation)) / np.sqrt(2)) if len(violation) > 2 else 0.0
+        raw = oscillation_stats(lam, violation)
+        smoothed = oscillation_stats(lam, trailing_mean(violation, smooth), tol=noise / np.sqrt(smooth))
         end = (summary.get("constraints") or {}).get(c, {})
         rows.append({"run": run_dir.name, "controller": (config.get("constraints") or {}).get("controller"),
-                     "constraint": c, "overshoot": raw["overshoot"], "sign_changes": raw["sign_changes"],
+                     "constraint": c, "noise": noise, "overshoot": raw["overshoot"], "sign_changes": raw["sign_changes"],
                      "smoothed_overshoot": smoothed["overshoot"], "smoothed_sign_changes": smoothed["sign_changes"],
                      "lambda_max": float(lam.max()), "lambda_final": float(lam[-1]),
                      "lambda_overshoot": raw["lambda_overshoot"], "tau": end.get("tau"), "final": end.get("final"),
