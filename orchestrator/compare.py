@@ -6,7 +6,8 @@ per run and constraint, `rewards.constraints.oscillation_stats` of the λ trace 
 `smooth` steps. Raw batch means of a few groups carry sampling noise (`noise`: the per-step σ of Δ,
 estimated from step-to-step differences), so raw sign changes mostly count noise crossings; the
 smoothed count ignores entries within the trailing mean's own noise (noise / √smooth) of τ and so
-counts the loop's real swings between violated and satisfied.
+counts the loop's real swings between violated and satisfied. `satisfied_at` is the first step at which
+the trailing mean is below τ, `lambda_after` the mean λ from then on (multiplier wound up beyond need).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from orchestrator.metrics import read_metrics
 from rewards.constraints import oscillation_stats
 
 COLUMNS = ["run", "controller", "constraint", "noise", "overshoot", "sign_changes", "smoothed_overshoot",
-           "smoothed_sign_changes", "lambda_max", "lambda_final", "lambda_overshoot", "tau", "final", "satisfied"]
+           "smoothed_sign_changes", "satisfied_at", "lambda_after", "lambda_max", "lambda_final", "lambda_overshoot",
+           "tau", "final", "satisfied"]
 
 
 def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
@@ -49,11 +51,15 @@ def control_stats(run_dir: str | Path, smooth: int = 10) -> list[dict]:
         lam, violation = m[f"lambda/{c}"], m[f"tau/{c}"] - m[f"reward/{c}"]
         noise = float(np.std(np.diff(violation)) / np.sqrt(2)) if len(violation) > 2 else 0.0
         raw = oscillation_stats(lam, violation)
-        smoothed = oscillation_stats(lam, trailing_mean(violation, smooth), tol=noise / np.sqrt(smooth))
+        trend = trailing_mean(violation, smooth)
+        smoothed = oscillation_stats(lam, trend, tol=noise / np.sqrt(smooth))
+        met = np.flatnonzero(trend < 0)
         end = (summary.get("constraints") or {}).get(c, {})
         rows.append({"run": run_dir.name, "controller": (config.get("constraints") or {}).get("controller"),
                      "constraint": c, "noise": noise, "overshoot": raw["overshoot"], "sign_changes": raw["sign_changes"],
                      "smoothed_overshoot": smoothed["overshoot"], "smoothed_sign_changes": smoothed["sign_changes"],
+                     "satisfied_at": int(m["step"][met[0]]) if met.size else None,
+                     "lambda_after": float(lam[met[0]:].mean()) if met.size else None,
                      "lambda_max": float(lam.max()), "lambda_final": float(lam[-1]),
                      "lambda_overshoot": raw["lambda_overshoot"], "tau": end.get("tau"), "final": end.get("final"),
                      "satisfied": end.get("satisfied")})

@@ -38,6 +38,8 @@ def test_ringing_and_damped_loops_are_told_apart(tmp_path, capsys):
     assert dual["controller"] == "dual" and pid["controller"] == "pid"
     assert dual["overshoot"] == pytest.approx(0.3) and dual["sign_changes"] == 7  # +0.3 +0.2 +0.1 then ∓0.3 seven times
     assert pid["overshoot"] == pytest.approx(0.1) and pid["sign_changes"] == 1
+    assert dual["satisfied_at"] == 3 and pid["satisfied_at"] == 4  # first step below τ
+    assert pid["lambda_after"] == pytest.approx(np.mean([0.5, 0.45, 0.45, 0.45, 0.45, 0.45]))
     assert pid["lambda_max"] == pytest.approx(0.6) and pid["lambda_final"] == pytest.approx(0.45)
     assert pid["lambda_overshoot"] == pytest.approx(0.15)
     assert pid["satisfied"] is True and pid["final"] == pytest.approx(0.55)
