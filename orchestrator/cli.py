@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -89,9 +88,7 @@ def cmd_train(args) -> None:
         from orchestrator.config import load_config
 
         cfg = load_config(run_dir / "config.yaml", args.overrides)  # the run's own config, plus overrides
-    stop = threading.Event()  # Ctrl-C / SIGTERM: finish the step, checkpoint, summarise; a second one kills
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sys.exit(130) if stop.is_set() else stop.set())
+    stop = threading.Event()  # set by Ctrl-C / SIGTERM during the RL steps: finish the step, checkpoint, summarise
     summary = run_training(cfg, run_dir, resume=bool(args.resume), address=args.address, stop=stop)
     o = summary["oracle"]
     rows = [{"policy": k, **o[k]} for k in ("before", "after")]

@@ -13,7 +13,10 @@ working while the learner trains (the driver pumps the pipeline while it waits).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -238,7 +241,8 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     write_resolved_config(cfg, run_dir)
     actors = start_actors(cfg, str(inputs.base), inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
-        run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume, progress, stop)
+        with _stop_on_signals(stop):
+            run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume, progress, stop)
         final = ray.get(actors.learner.weights.remote())
     finally:
         actors.shutdown()
@@ -274,6 +278,23 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     write_summary(run_dir, summary)
     write_report(run_dir)
     return summary
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event | None):
+    """During the RL steps, Ctrl-C or SIGTERM sets `stop` (finish the step, checkpoint, summarise); a second one
+    exits. Installed after ray.init, which sets a SIGTERM handler of its own; only the main thread can."""
+    if stop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: sys.exit(130) if stop.is_set() else stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_resumable(cfg: Config, run_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """Fault tolerance on a real local Ray cluster: chaos kills actors mid-run; a killed driver resumes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -85,3 +86,23 @@ def test_killed_driver_resumes_without_repeating_steps(tmp_path):
     # λ continuous: step 4 (the first after the restart) uses exactly the λ the checkpoint saved
     assert m["lambda/vq"][4] == pytest.approx(saved["lambdas"]["vq"], abs=1e-12)
     assert saved["lambdas"]["vq"] > 0  # so the check above could fail if λ restarted from 0
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_summarises(tmp_path):
+    """SIGTERM to `videorl train` mid-run (after ray.init, which installs a SIGTERM handler of its own)."""
+    (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 0.5}\n")
+    args = [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={tmp_path / 'cache'}",
+            "train.steps=1000", "train.checkpoint_every=500", f"train.run_dir={tmp_path / 'run'}", "ray.num_cpus=2"]
+    proc = subprocess.Popen(_train_cmd(args), cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.parquet"  # first written after 10 steps
+    deadline = time.time() + 240
+    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert metrics.exists(), "the run never reached step 10"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 10 <= summary["steps"] < 1000
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{summary['steps']:06d}").state["step"] == summary["steps"]
+    assert list(read_metrics(tmp_path / "run")["step"]) == list(range(summary["steps"]))
