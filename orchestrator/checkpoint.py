@@ -18,7 +18,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,8 @@ import msgpack
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from orchestrator.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +162,10 @@ def _for_disk(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_and_describe(path: Path) -> dict:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -241,7 +234,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         size = f.stat().st_size
         if size != info["bytes"]:
             raise CorruptCheckpoint(f"{f}: {size} bytes but {MANIFEST} says {info['bytes']} (truncated or overwritten)")
-        digest = _sha256(f)
+        digest = file_sha256(f)
         if digest != info["sha256"]:
             raise CorruptCheckpoint(f"{f}: sha256 {digest[:16]}... differs from {MANIFEST}'s "
                                     f"{info['sha256'][:16]}... (the file changed after it was written)")

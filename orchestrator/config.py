@@ -8,8 +8,6 @@ code that uses them (`policy.model.ModelConfig`, `rewards.world.FlawConfig`) and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -19,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.autoscale import AutoscaleConfig
-from orchestrator.cache_keys import code_version
 from orchestrator.chaos import ChaosConfig
+from orchestrator.hashing import code_version, fingerprint
 from orchestrator.reward_training import EngagementConfig, RewardTrainConfig
 from policy.learner import LearnerConfig
 from policy.model import ModelConfig
@@ -244,12 +242,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def cache_dir(cfg: Config) -> Path:
     root = cfg.cache_dir or os.environ.get("VIDEORL_CACHE") or Path.home() / ".cache" / "videorl"
     return Path(root)
-
-
-def fingerprint(*parts: BaseModel | str) -> str:
-    """Short stable hash of config sections (and strings such as `code_version`s): the cache key of what they produce."""
-    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 BASE_CODE = ("policy.model", "policy.pretrain", "rewards.world", "orchestrator.pretraining")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.cache_keys import code_version
 from orchestrator.calibrate import calibrate_base_model
-from orchestrator.config import Config, cache_dir, fingerprint
+from orchestrator.config import Config, cache_dir
 from orchestrator.evaluation import evaluate
+from orchestrator.hashing import SAMPLING_CODE, code_version, fingerprint
 from orchestrator.pretraining import ensure_base_model
 from orchestrator.prompts import load_prompt_file
 from policy.model import VideoDiT
@@ -106,7 +106,8 @@ def calibration_path(cfg: Config, base: Path, checkpoints: dict[str, str | None]
     profiles = [f.read_text() for f in sorted(profiles_dir().iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")]
     if Path(cfg.rewards.profile).is_file():
         profiles.append(Path(cfg.rewards.profile).read_text())
-    code = code_version("orchestrator.calibrate", "rewards.calibration", "rewards.scorer", "policy.sampling", "policy.sde")
+    code = code_version("orchestrator.calibrate", "orchestrator.evaluation", "orchestrator.inputs", "rewards.calibration",
+                        "rewards.scorer", "rewards.oracle", *SAMPLING_CODE)
     key = fingerprint(cfg.rewards, cfg.rollout, str(base), json.dumps(checkpoints, sort_keys=True), *profiles, code)
     return cache_dir(cfg) / f"calibration-{key}.json"
 

@@ -15,7 +15,6 @@ Every cached artefact is written to a temporary directory and renamed into place
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -29,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from orchestrator.cache_keys import code_version
+from orchestrator.hashing import SAMPLING_CODE, code_version, file_sha256, fingerprint
 from rewards import losses
 from rewards.feedback import ClickLog, UserPopulation, auc, train_engagement
 from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpec, read_preference_data,
@@ -75,21 +74,9 @@ class EngagementConfig(BaseModel):
 
 # ---------------------------------------------------------------- cache keys
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _data_key(data_dir: Path) -> str:
     """Content hash of a preference data directory (what a model trained on it depends on)."""
-    return _key(*(_sha256_file(data_dir / name) for name in ("pairs.parquet", "pool.parquet", "videos.npy")))
+    return fingerprint(*(file_sha256(data_dir / name) for name in ("pairs.parquet", "pool.parquet", "videos.npy")))
 
 
 def _publish(tmp: Path, out: Path) -> Path:
@@ -121,9 +108,8 @@ def ensure_preference_data(pref_cfg: PreferenceDataConfig, base_ckpt: Path, cach
     base_ckpt = Path(base_ckpt)
     if not base_ckpt.is_file():
         raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
-    code = code_version("rewards.preference", "rewards.oracle", "rewards.world", "orchestrator.reward_data",
-                        "policy.sampling", "policy.sde")
-    out = Path(cache) / f"prefdata-{_key(pref_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps, code)}"
+    code = code_version("rewards.preference", "rewards.oracle", "rewards.world", "orchestrator.reward_data", *SAMPLING_CODE)
+    out = Path(cache) / f"prefdata-{fingerprint(pref_cfg, file_sha256(base_ckpt), mode, steps, code)}"
     if force or not (out / "pairs.parquet").is_file():
         Path(cache).mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -145,7 +131,7 @@ def reward_model_dir(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, 
     """Where `ensure_reward_model` keeps the model for (data content, train config, loss)."""
     cfg = train_cfg.model_copy(update={"loss": loss or train_cfg.loss})
     code = code_version("rewards.reward_model", "rewards.losses")
-    return Path(cache) / f"reward-{cfg.loss}-{_key(_data_key(Path(data_dir)), cfg.model_dump(mode='json'), code)}"
+    return Path(cache) / f"reward-{cfg.loss}-{fingerprint(_data_key(Path(data_dir)), cfg, code)}"
 
 
 def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, loss: str | None = None,
@@ -314,8 +300,9 @@ def ensure_engagement_model(eng_cfg: EngagementConfig, base_ckpt: Path, cache: P
     base_ckpt = Path(base_ckpt)
     if not base_ckpt.is_file():
         raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
-    code = code_version("rewards.feedback", "rewards.world")
-    out = Path(cache) / f"engagement-{_key(eng_cfg.model_dump(mode='json'), _sha256_file(base_ckpt), mode, steps, code)}"
+    code = code_version("rewards.feedback", "rewards.world", "rewards.preference", "orchestrator.reward_data",
+                        "orchestrator.reward_training", *SAMPLING_CODE)
+    out = Path(cache) / f"engagement-{fingerprint(eng_cfg, file_sha256(base_ckpt), mode, steps, code)}"
     if not force and (out / "model.safetensors").is_file() and (out / "engagement.json").is_file():
         return out, json.loads((out / "engagement.json").read_text())
     start = time.perf_counter()

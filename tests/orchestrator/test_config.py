@@ -98,7 +98,7 @@ def test_base_include_cycle_is_refused(tmp_path):
 
 
 def test_cache_keys_change_with_the_code_that_makes_the_cached_thing(tmp_path, monkeypatch):
-    from orchestrator.cache_keys import code_version
+    from orchestrator.hashing import code_version
 
     (tmp_path / "made_by.py").write_text("WIDTH = 64\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -1,0 +1,40 @@
+"""Content hashes: of files (checkpoint manifests, cache keys), of config sections, and of the code that makes
+a cached thing, so a cache key changes whenever the config, the inputs or the code behind an output change."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+# the code that draws clips from a base model (preference data, engagement logs, calibration)
+SAMPLING_CODE = ("policy.model", "policy.sampling", "policy.sde")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(*parts: BaseModel | str | int | float) -> str:
+    """Short stable hash of config sections and plain values (hashes, names, `code_version`s): a cache key."""
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the named modules' source files, part of the cache key of what they make: a cached base model,
+    dataset or reward model made by different code is never reused (it might not even load)."""
+    digest = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise ValueError(f"code_version: no source file for module {name!r}")
+        digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:12]
