@@ -33,8 +33,8 @@ from rewards import losses
 from rewards.feedback import ClickLog, UserPopulation, auc, train_engagement
 from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpec, read_preference_data,
                                 render_references)
-from rewards.reward_model import (PreferencePairs, RewardModelConfig, VideoReward, _pair_deltas,
-                                  preference_accuracy, train_reward_model)
+from rewards.reward_model import (PreferencePairs, RewardModelConfig, VideoReward, preference_accuracy,
+                                  score_differences, train_reward_model)
 from rewards.world import all_prompts, heldout_prompts
 
 Loss = Literal["regression", "bt", "btt"]
@@ -166,14 +166,6 @@ def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Pat
 
 
 @torch.no_grad()
-def _deltas(model: VideoReward, pairs: PreferencePairs, batch_size: int = 256) -> np.ndarray:
-    """r_a - r_b [N, D] float64 for every pair."""
-    model.eval()
-    out = [torch.sub(*_pair_deltas(model, pairs.subset(np.arange(i, min(i + batch_size, len(pairs))))))
-           for i in range(0, len(pairs), batch_size)]
-    return torch.cat(out).double().numpy() if out else np.zeros((0, len(model.cfg.dims)))
-
-
 def fit_tie_threshold(delta: np.ndarray, labels: np.ndarray) -> float:
     """The |Δ| threshold that maximises with-ties accuracy on (delta, labels) [N, D]: for a model without a tie
     model of its own (plain BT), fitted on the VALIDATION split. Candidates: 0 and the midpoints of sorted |Δ|."""
@@ -197,7 +189,8 @@ def _tie_threshold(loss: str, model: VideoReward, data_dir: Path) -> tuple[float
     if len(val) == 0:
         return 0.0, "no validation pairs: 0"
     pairs = PreferencePairs(val.video_a, val.video_b, val.prompts, val.labels)
-    return fit_tie_threshold(_deltas(model, pairs), val.labels), "fitted on the validation split (annotated labels)"
+    delta = score_differences(model, pairs, batch_size=256)
+    return fit_tie_threshold(delta, val.labels), "fitted on the validation split (annotated labels)"
 
 
 def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = True) -> tuple[list[dict], dict]:
@@ -225,7 +218,7 @@ def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = T
         model = VideoReward.load(directory)
         if tuple(model.cfg.dims) != DIMS:
             raise ValueError(f"{directory}: the benchmark scores dims {DIMS}, the model has {model.cfg.dims}")
-        delta = _deltas(model, pairs)
+        delta = score_differences(model, pairs, batch_size=256)
         threshold, source = _tie_threshold(loss, model, data_dir)
         entry = {"dir": str(directory), "tie_threshold": threshold, "tie_threshold_from": source}
         train_info = Path(directory) / "train.json"
@@ -312,7 +305,6 @@ def ensure_engagement_model(eng_cfg: EngagementConfig, base_ckpt: Path, cache: P
     if len(set(logs["clicks"][test].tolist())) < 2 or len(set(logs["clicks"][train].tolist())) < 2:
         raise ValueError("engagement logs need clicks and non-clicks in both the training and held-out impressions; "
                          "raise log_clips or impression_rate")
-    torch.manual_seed(eng_cfg.seed)
     predictor = train_engagement(ClickLog(logs["videos"][train], logs["clicks"][train]), steps=eng_cfg.steps,
                                  batch_size=eng_cfg.batch_size, lr=eng_cfg.lr, seed=eng_cfg.seed, progress=progress)
     labels = logs["clicks"][test].astype(np.int64)

@@ -25,7 +25,7 @@ def logit_normal_t(shape: tuple[int, ...], generator: torch.Generator, mean: flo
 
 def flow_matching_loss(
     model: VideoDiT, x0: torch.Tensor, prompt_ids: torch.Tensor, causal: bool, generator: torch.Generator,
-    t_mean: float = 0.0, t_std: float = 1.0, temporal_weight: float = 0.0,
+    t_mean: float = 0.0, t_std: float = 1.0,
 ) -> torch.Tensor:
     """Mean squared velocity error on one batch. x0 [B, T, C, H, W] in [-1, 1]."""
     b, frames = x0.shape[:2]
@@ -39,10 +39,7 @@ def flow_matching_loss(
     xt = (1 - tt) * x0 + tt * eps
     v = model.velocity_causal(xt, t, x0, prompt_ids) if causal else model.velocity(xt, t, prompt_ids)
     target = eps - x0
-    loss = F.mse_loss(v, target)
-    if temporal_weight:  # also match the frame-to-frame differences of the velocity: motion is a small share of the pixels
-        loss = loss + temporal_weight * F.mse_loss(v.diff(dim=1), target.diff(dim=1))
-    return loss
+    return F.mse_loss(v, target)
 
 
 def pretrain(
@@ -60,7 +57,6 @@ def pretrain(
     on_step: Callable[[int, float], None] | None = None,
     t_mean: float = 0.0,
     t_std: float = 1.0,
-    temporal_weight: float = 0.0,
 ) -> VideoDiT:
     """Train `model` in place and return its EMA copy (the weights to sample from).
 
@@ -83,7 +79,7 @@ def pretrain(
         idx = torch.randint(0, videos.shape[0], (batch_size,), generator=gen)
         x0 = videos[idx].float() / 127.5 - 1.0
         causal = bool(torch.rand((), generator=gen) < causal_fraction)
-        loss = flow_matching_loss(model, x0, prompt_ids[idx], causal, gen, t_mean, t_std, temporal_weight)
+        loss = flow_matching_loss(model, x0, prompt_ids[idx], causal, gen, t_mean, t_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

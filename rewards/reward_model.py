@@ -219,13 +219,11 @@ class VideoReward(nn.Module):
                 per_frame = self._read(tok.reshape(b * t, -1, self.cfg.dim), i).view(b, t)
                 out.append(top_fraction_mean(per_frame, self.cfg.vq_fraction))
                 continue
-            if dim == "mq":  # luma only: motion, not colour
-                tok = self.gray_patch(self._patches(to_grayscale(video).unsqueeze(2), self.cfg.tubelet))
-            else:  # "ta"
-                tok = self.colour_patch(self._patches(video, self.cfg.tubelet))
+            src = to_grayscale(video).unsqueeze(2) if dim == "mq" else video  # mq: luma only, motion not colour
+            tok = (self.gray_patch if dim == "mq" else self.colour_patch)(self._patches(src, self.cfg.tubelet))
             tok = (tok + self.space_pos + self.time_pos[:, None]).reshape(b, -1, self.cfg.dim)
             if self.cfg.trajectory:
-                tracks = self._trajectory(to_grayscale(video).unsqueeze(2) if dim == "mq" else video)
+                tracks = self._trajectory(src)
                 tok = torch.cat([tok, self.track_embed(tracks) + self.frame_pos], dim=1)
             if self.cfg.film:
                 tok = tok * (1 + gamma[:, None]) + beta[:, None]
@@ -520,6 +518,20 @@ def preference_accuracy(delta: np.ndarray, labels: np.ndarray, with_ties: bool,
 
 
 @torch.no_grad()
+@torch.no_grad()
+def score_differences(model: VideoReward, pairs, batch_size: int = 128) -> np.ndarray:
+    """r_a - r_b [N, D] float64 for every pair, scored in eval mode (the model's mode is restored)."""
+    pairs = _as_pairs(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.sub(*_pair_deltas(model, pairs.subset(np.arange(i, min(i + batch_size, len(pairs)))))).cpu()
+               for i in range(0, len(pairs), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).double().numpy() if out else np.zeros((0, len(model.cfg.dims)))
+
+
 def pairwise_accuracy(model: VideoReward, pairs, with_ties: bool = False,
                       tie_threshold: float = losses.tie_threshold(5.0), batch_size: int = 128) -> dict[str, float]:
     """VideoAlign reward benchmark: {dim: accuracy, ..., "overall": accuracy pooled over all counted entries}.
@@ -528,14 +540,8 @@ def pairwise_accuracy(model: VideoReward, pairs, with_ties: bool = False,
     is where the Rao–Kupper model (k = 5) stops predicting a tie (`losses.tie_threshold`).
     """
     pairs = _as_pairs(pairs)
-    was_training = model.training
-    model.eval()
-    try:
-        deltas = [torch.sub(*_pair_deltas(model, pairs.subset(np.arange(i, min(i + batch_size, len(pairs))))))
-                  for i in range(0, len(pairs), batch_size)]
-    finally:
-        model.train(was_training)
-    per_dim, overall = preference_accuracy(torch.cat(deltas).cpu().numpy(), pairs.labels, with_ties, tie_threshold)
+    per_dim, overall = preference_accuracy(score_differences(model, pairs, batch_size), pairs.labels, with_ties,
+                                           tie_threshold)
     result = {dim: float(a) for dim, a in zip(model.cfg.dims, per_dim)}
     result["overall"] = overall
     return result
