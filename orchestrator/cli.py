@@ -172,19 +172,21 @@ def cmd_reward(args) -> None:
 
 def cmd_compare(args) -> None:
     from orchestrator.compare import COLUMNS, control_stats, plot_lambdas
+    from orchestrator.metrics import read_metrics
     from orchestrator.tables import format_table, write_json
 
     runs = [Path(r) for r in args.runs]
     for r in runs:
         if not r.is_dir():
             raise FileNotFoundError(f"run directory not found: {r}")
-    rows = [row for r in runs for row in control_stats(r, smooth=args.smooth)]
+    metrics = {r.name: read_metrics(r) for r in runs}
+    rows = [row for r in runs for row in control_stats(r, metrics[r.name], smooth=args.smooth)]
     print(f"λ control loops (violation τ − batch mean R; smoothed: trailing mean of {args.smooth} steps, sign changes "
           f"beyond its noise)")
     print(format_table(rows, COLUMNS))
     out = Path(args.out)
     path = write_json({"smooth": args.smooth, "rows": rows}, out / "compare.json")
-    plot_lambdas(runs, smooth=args.smooth).savefig(out / "compare_lambda.png", dpi=110)
+    plot_lambdas(metrics, smooth=args.smooth).savefig(out / "compare_lambda.png", dpi=110)
     print(f"\nwrote {path} and {out / 'compare_lambda.png'}")
 
 

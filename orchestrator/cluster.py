@@ -65,7 +65,7 @@ def check_fits(cfg: Config) -> None:
 
 def start_actors(cfg: Config, base_checkpoint: str, reward_checkpoints: dict[str, str | None],
                  reward_dims: dict[str, tuple[str, ...]], taus: dict[str, float]) -> RunActors:
-    check_fits(cfg)
+    """Every actor of a run (call `check_fits` first: an actor that cannot be placed waits forever)."""
     model_cfg = cfg.model.model_dump(mode="json")
     r = cfg.rollout
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size)

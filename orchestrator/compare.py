@@ -19,7 +19,6 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
-from orchestrator.metrics import read_metrics
 from rewards.constraints import oscillation_stats
 
 COLUMNS = ["run", "controller", "constraint", "noise", "overshoot", "sign_changes", "smoothed_overshoot",
@@ -37,10 +36,9 @@ def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
     return (c[t] - c[lo]) / (t - lo)
 
 
-def control_stats(run_dir: str | Path, smooth: int = 10) -> list[dict]:
-    """One COLUMNS row per constraint of a finished (or running) run."""
+def control_stats(run_dir: str | Path, m: dict[str, np.ndarray], smooth: int = 10) -> list[dict]:
+    """One COLUMNS row per constraint of a finished (or running) run; m = `read_metrics(run_dir)`."""
     run_dir = Path(run_dir)
-    m = read_metrics(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     names = sorted(k.removeprefix("lambda/") for k in m if k.startswith("lambda/"))
@@ -66,9 +64,9 @@ def control_stats(run_dir: str | Path, smooth: int = 10) -> list[dict]:
     return rows
 
 
-def plot_lambdas(run_dirs: list[Path], smooth: int = 10) -> Figure:
-    """One panel per constraint: every run's λ (solid) and smoothed violation (dotted, right axis)."""
-    metrics = {Path(r).name: read_metrics(r) for r in run_dirs}
+def plot_lambdas(metrics: dict[str, dict[str, np.ndarray]], smooth: int = 10) -> Figure:
+    """One panel per constraint: every run's λ (solid) and smoothed violation (dotted, right axis);
+    metrics {run name: `read_metrics(run_dir)`}."""
     names = sorted({k.removeprefix("lambda/") for m in metrics.values() for k in m if k.startswith("lambda/")})
     fig = Figure(figsize=(4.5 * len(names), 3.2), layout="constrained")
     for i, c in enumerate(names):

@@ -8,7 +8,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.compare import control_stats, trailing_mean
-from orchestrator.metrics import MetricsLog
+from orchestrator.metrics import MetricsLog, read_metrics
 
 
 def _write_run(run_dir, controller, rewards, lambdas, tau=0.5):
@@ -34,7 +34,7 @@ def test_ringing_and_damped_loops_are_told_apart(tmp_path, capsys):
     damped = [0.2, 0.3, 0.4, 0.5, 0.6, 0.55, 0.55, 0.55, 0.55, 0.55]
     _write_run(tmp_path / "dual", "dual", ringing, [0.1, 0.2, 0.3, 0.4, 0.2, 0.35, 0.2, 0.35, 0.2, 0.35])
     _write_run(tmp_path / "pid", "pid", damped, [0.3, 0.5, 0.6, 0.6, 0.5, 0.45, 0.45, 0.45, 0.45, 0.45])
-    (dual,), (pid,) = control_stats(tmp_path / "dual", smooth=1), control_stats(tmp_path / "pid", smooth=1)
+    (dual,), (pid,) = (control_stats(tmp_path / r, read_metrics(tmp_path / r), smooth=1) for r in ("dual", "pid"))
     assert dual["controller"] == "dual" and pid["controller"] == "pid"
     assert dual["overshoot"] == pytest.approx(0.3) and dual["sign_changes"] == 7  # +0.3 +0.2 +0.1 then ∓0.3 seven times
     assert pid["overshoot"] == pytest.approx(0.1) and pid["sign_changes"] == 1
