@@ -30,7 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from orchestrator.chaos import ChaosMonkey
-from orchestrator.checkpoint import latest_checkpoint, save_checkpoint
+from orchestrator.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from orchestrator.cluster import RunActors, start_actors
 from orchestrator.config import Config
 from orchestrator.ledger import Ledger
@@ -65,10 +65,7 @@ class Run:
         save_checkpoint(self.dir, self.step, tensors, state)
         _write_parquet(self.rollout_rows, self.dir / "rollouts.parquet")
 
-    def restore(self) -> bool:
-        ckpt = latest_checkpoint(self.dir)
-        if ckpt is None:
-            return False
+    def restore(self, ckpt: Checkpoint) -> None:
         for path, reason in ckpt.skipped:
             print(f"skipping corrupt checkpoint {path}: {reason}")
         s = ckpt.state
@@ -84,7 +81,6 @@ class Run:
         if rollouts.exists():
             self.rollout_rows = [r for r in pq.read_table(rollouts).to_pylist() if r["step"] < self.step]
         print(f"resumed {self.dir} at step {self.step} (checkpoint {ckpt.path.name})")
-        return True
 
 
 def _write_parquet(rows: list[dict], path: Path) -> None:
@@ -100,14 +96,15 @@ def batch_means(batch: list[Group]) -> dict[str, float]:
 
 
 def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
-               taus: dict[str, float], resume: bool, progress: bool = True, stop: threading.Event | None = None) -> Run:
+               taus: dict[str, float], resume_from: Checkpoint | None = None, progress: bool = True,
+               stop: threading.Event | None = None) -> Run:
     """Run the RL steps; returns the finished Run (ledger, lambdas, rows) for the summary.
 
     `stop` (set by Ctrl-C / SIGTERM in the CLI) ends the run after the current step, with a checkpoint.
     """
     run = Run(cfg, run_dir, actors, prompts, primary, taus)
-    if resume:
-        run.restore()
+    if resume_from is not None:
+        run.restore(resume_from)
     # groups admitted before a restart were consumed or dropped, so admission restarts from the step
     staleness = StalenessManager(cfg.train.groups_per_step, cfg.train.max_staleness,
                                  started=run.step * cfg.train.groups_per_step)
@@ -233,8 +230,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     from orchestrator.report import write_report
     from policy.model import VideoDiT
 
-    if resume:
-        _check_resumable(cfg, run_dir)
+    resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)
     check_fits(cfg)  # before hours of pretraining, not after
     inputs = prepare(cfg, progress=progress)
@@ -242,7 +238,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     actors = start_actors(cfg, str(inputs.base), inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
         with _stop_on_signals(stop):
-            run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume, progress, stop)
+            run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume_from, progress, stop)
         final = ray.get(actors.learner.weights.remote())
     finally:
         actors.shutdown()
@@ -297,8 +293,8 @@ def _stop_on_signals(stop: threading.Event | None):
             signal.signal(sig, handler)
 
 
-def _check_resumable(cfg: Config, run_dir: Path) -> None:
-    """Before any actor starts: the run's latest good checkpoint must fit the configured model."""
+def _check_resumable(cfg: Config, run_dir: Path) -> Checkpoint:
+    """Before any actor starts: the run's latest good checkpoint, which must fit the configured model."""
     from orchestrator.checkpoint import check_compatible
     from policy.model import VideoDiT
 
@@ -309,6 +305,7 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
         check_compatible(ckpt.tensors["policy"], VideoDiT(cfg.model))
     except ValueError as e:
         raise ValueError(f"cannot resume {ckpt.path}: {e}") from None
+    return ckpt
 
 
 def batch_means_from_rows(rows: list[dict]) -> dict[str, float]:
