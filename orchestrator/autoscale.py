@@ -8,6 +8,7 @@ delays (Ray Serve's upscale/downscale delays, counted in steps), keep the pool f
 
 from __future__ import annotations
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -57,3 +58,12 @@ def apply_scaling(pools: dict, requests: dict[str, int], rules: dict[str, Autosc
             if replicas != pool.size:
                 pool.scale_to(replicas)
     return {name: pool.size for name, pool in pools.items()}
+
+
+def scale_step(control, pools: dict, rules: dict[str, AutoscaleConfig | None], streaks: dict[str, int],
+               steps_done: int) -> dict[str, int]:
+    """Reward scaling once per learner step, as a running job does it: the `videorl scale` requests waiting at the
+    job's control actor, else the autoscaler (`apply_scaling`); the sizes are reported back. -> {name: replicas}."""
+    sizes = apply_scaling(pools, ray.get(control.take_requests.remote()), rules, streaks)
+    control.report.remote({"steps_done": steps_done, "reward_replicas": sizes})
+    return sizes

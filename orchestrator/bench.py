@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ray
 
-from orchestrator.autoscale import AutoscaleConfig, apply_scaling
+from orchestrator.autoscale import AutoscaleConfig, scale_step
 from orchestrator.ledger import Ledger
 from orchestrator.pipeline import Pipeline, PromptCursor
 from orchestrator.reward_pool import RewardPool
@@ -41,10 +41,9 @@ REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "mea
 
 def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: str, pool: RewardPool | None = None,
           control=None, rules: dict | None = None, scale_at: dict[int, int] | None = None) -> list[dict]:
-    """The training loop's shape (orchestrator/train.py) without metrics: next_batch -> learner.train_step
-    (the pipeline pumped while it runs) -> publish the new weights -> consume. With a `control` actor the reward
-    pools are resized before every step as train_loop resizes them (`autoscale.apply_scaling`: requests from
-    `videorl scale`, else the autoscaling `rules`); `scale_at` {step: n} sends the request `videorl scale
+    """The training loop (orchestrator/train.py) without metrics or constraints: `Pipeline.learner_step` per step.
+    With a `control` actor the reward pools are resized before every step as train_loop resizes them
+    (`autoscale.scale_step`: requests from `videorl scale`, else the autoscaling `rules`); `scale_at` {step: n} sends the request `videorl scale
     --reward <pool>=n` would send, at that step. New replicas are not waited for.
 
     Returns one mark per step boundary (len steps + 1): {"t": perf_counter s, "scored": batches the
@@ -67,17 +66,9 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
             if step in scale_at:
                 ray.get(control.scale.remote(pool.model, scale_at[step]))
             known = set(pool.replicas)
-            sizes = apply_scaling(pipe.pools, ray.get(control.take_requests.remote()), rules, streaks)
-            control.report.remote({"steps_done": step, "reward_replicas": sizes})
+            scale_step(control, pipe.pools, rules, streaks, steps_done=step)
             starting += [h.ping.remote() for name, h in pool.replicas.items() if name not in known]
-        batch = pipe.next_batch(groups_per_step, learner_version=step)
-        update = learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch], primary, {}, {})
-        while not ray.wait([update], timeout=0.02)[0]:
-            pipe.pump(step)  # rollout and reward keep moving while the learner trains
-        ray.get(update)
-        pipe.publish(step + 1, learner.weights.remote())
-        for g in batch:
-            pipe.ledger.consume(g.gid)
+        pipe.learner_step(learner, step, groups_per_step, primary, {}, {})
         marks.append(mark())
     return marks
 

@@ -15,6 +15,7 @@ The driver only ever holds references and small metadata; payloads stay in the o
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -171,6 +172,23 @@ class Pipeline:
         self._collect_scores()
 
     # -- what the learner sees ------------------------------------------------------------
+    def learner_step(self, learner, version: int, n: int, primary: str, taus: dict[str, float],
+                     lambdas: dict[str, float]) -> tuple[list[Group], dict, float]:
+        """One learner step on the next `n` scored groups, rollout and reward moving on meanwhile; then weights
+        version + 1 are published and the groups consumed. -> (batch, learner stats, seconds waited for the batch)."""
+        t0 = time.perf_counter()
+        batch = self.next_batch(n, learner_version=version)
+        waited = time.perf_counter() - t0
+        update = learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch], primary, taus,
+                                           lambdas)
+        while not ray.wait([update], timeout=0.02)[0]:
+            self.pump(version)
+        stats = ray.get(update)
+        self.publish(version + 1, learner.weights.remote())
+        for g in batch:
+            self.ledger.consume(g.gid)
+        return batch, stats, waited
+
     def next_batch(self, n: int, learner_version: int) -> list[Group]:
         """Block until n fresh scored groups are ready; stale ones are dropped on the way."""
         batch: list[Group] = []

@@ -119,21 +119,13 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     streaks = {name: 0 for name in pipe.pools}
     while run.step < cfg.train.steps and not (stop and stop.is_set()):
         t0 = time.perf_counter()
-        batch = pipe.next_batch(cfg.train.groups_per_step, learner_version=run.step)
-        waited = time.perf_counter() - t0
-        update = actors.learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch],
-                                                   primary, taus, run.lambdas)
-        while not ray.wait([update], timeout=0.02)[0]:
-            pipe.pump(run.step)  # rollout and reward keep moving while the learner trains
-        stats = ray.get(update)
+        batch, stats, waited = pipe.learner_step(actors.learner, run.step, cfg.train.groups_per_step, primary, taus,
+                                                 run.lambdas)
         means = batch_means(batch)
         lambdas_used = dict(run.lambdas)
         run.lambdas, run.controller_state = ray.get(
             actors.controller.update.remote({c: means[c] for c in taus}, run.controller_state))
         run.step += 1
-        pipe.publish(run.step, actors.learner.weights.remote())
-        for g in batch:
-            run.ledger.consume(g.gid)
         run.samples += sum(len(g.rewards[primary]) for g in batch)
         run.next_group = pipe.next_group
         scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
@@ -178,11 +170,10 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
 def _scale_reward_pools(cfg: Config, actors: RunActors, pipe: Pipeline, steps_done: int, before: dict, after: dict,
                         seconds: float, streaks: dict) -> dict:
     """Apply `videorl scale` requests and autoscaling; report replicas and reward throughput per model."""
-    from orchestrator.autoscale import apply_scaling
+    from orchestrator.autoscale import scale_step
 
-    requests = ray.get(actors.control.take_requests.remote())
-    sizes = apply_scaling(pipe.pools, requests, {n: s.autoscale for n, s in cfg.rewards.models.items()}, streaks)
-    actors.control.report.remote({"steps_done": steps_done, "reward_replicas": sizes})
+    rules = {n: s.autoscale for n, s in cfg.rewards.models.items()}
+    sizes = scale_step(actors.control, pipe.pools, rules, streaks, steps_done)
     row = {f"replicas/{name}": n for name, n in sizes.items()}
     row.update({f"throughput/reward_{name}_batches_per_s": (after[name] - before[name]) / seconds for name in sizes})
     return row
