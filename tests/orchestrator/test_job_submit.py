@@ -26,9 +26,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture()
-def head_node(tmp_path):
-    """A Ray head node of our own on free ports (another cluster may run beside it), stopped afterwards."""
+@pytest.fixture(scope="module")
+def head_node():
+    """A Ray head node of our own on free ports (another cluster may run beside it), shared by this module's tests
+    and stopped afterwards."""
     gcs, dash, agent_http, agent_grpc, metrics, runtime_env, client, node_manager, object_manager = free_ports(9)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
