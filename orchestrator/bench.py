@@ -4,7 +4,7 @@ Two measurements (both need a connected Ray cluster; neither prints):
 - real: the same work done twice in one process -- synchronously (rollout every group, then score
   them, then one learner step, as flow_grpo and DanceGRPO do) and through the actor pipeline
   (rollout actors -> reward pool -> learner actor, rollout running ahead within the staleness
-  bound). Both use an untrained VideoDiT (time per step does not depend on the weights) and the
+  bound). Both use the untrained policy of the config (time per step does not depend on the weights) and the
   oracle reward, so nothing needs to be cached. Reported: clips/s each way and their ratio.
 - simulated: the real Pipeline, RewardPool, StalenessManager and Ledger drive actors whose device
   time is a given sleep (actors/simulated.py), so orchestration overhead is measured, not CPU
@@ -192,10 +192,19 @@ def simulated_sweep(actor_counts: tuple[int, ...] = (1, 2, 4, 8, 16), measure_s:
 
 # -- real mode -------------------------------------------------------------------------------------
 
+def _untrained_base(cfg, tmp: str) -> str | None:
+    """Starting weights every process of a bench loads alike: a saved random VideoDiT, or (Wan) model.path itself."""
+    from policy.backend import init_policy
+
+    if cfg.model.kind != "videodit":
+        return None
+    return str(init_policy(cfg.model, device="cpu").save(Path(tmp) / "base"))
+
+
 def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
     """The same work (cfg.train.groups_per_step groups of cfg.rollout.group_size clips per step, same prompts and
     seeds) synchronously and through the actors -> {"rows": REAL_COLUMNS rows, "synchronous": ..., "pipeline": ...}.
-    Uses an untrained VideoDiT(cfg.model) and the oracle reward; the Ray cluster must be connected."""
+    Uses the config's untrained policy and the oracle reward; the Ray cluster must be connected."""
     from orchestrator.config import Config
 
     if not isinstance(cfg, Config):
@@ -215,7 +224,7 @@ def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
                      "clips": (steps - warmup_steps) * clips})
     return {"mode": "real", "rows": rows, "ratio": actor["clips_per_s"] / sync["clips_per_s"],
             "synchronous": sync, "pipeline": actor,
-            "note": "untrained VideoDiT(cfg.model) and the oracle reward: time per step does not depend on the weights",
+            "note": f"untrained {cfg.model.kind} policy and the oracle reward: time per step does not depend on the weights",
             "settings": {"steps": steps, "warmup_steps": warmup_steps, "groups_per_step": cfg.train.groups_per_step,
                          "group_size": cfg.rollout.group_size, "rollout_workers": cfg.ray.rollout_workers,
                          "max_staleness": cfg.train.max_staleness, "sampler": cfg.rollout.sampler,
@@ -225,18 +234,17 @@ def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
 
 def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
     """flow_grpo / DanceGRPO order in one process: generate all groups, score them, one learner step, sync weights."""
+    from policy.backend import init_policy, video_shape
     from policy.learner import Learner, ScoredGroup
-    from policy.model import VideoDiT
     from policy.rollout import RolloutWorker, trajectory_from_payload
-    from policy.text import WordTokenizer
     from rewards.scorer import RewardScorer
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
-    learner = Learner(VideoDiT(cfg.model), cfg.learner, steps, cfg.train.seed)
-    worker = RolloutWorker(cfg.model.model_dump(mode="json"), mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps,
-                           shift=r.shift, group_size=r.group_size)
-    scorer = RewardScorer("oracle", frame_shape=(cfg.model.frames, cfg.model.size, cfg.model.size, 3))
-    tokenizer = WordTokenizer(cfg.model.vocab)
+    learner = Learner(init_policy(cfg.model), cfg.learner, steps, cfg.train.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), mode=r.mode, sampler=r.sampler, eta=r.eta,
+                               steps=r.steps, shift=r.shift, group_size=r.group_size, dtype=r.dtype)
+    scorer = RewardScorer("oracle", frame_shape=(*video_shape(cfg.model), 3))
     cursor, n = PromptCursor(prompts, cfg.train.seed), 0
     stage = {"rollout": 0.0, "reward": 0.0, "learner": 0.0}
     worker.set_weights(0, learner.weights())
@@ -252,7 +260,7 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
         groups = []
         for batch, payload, _ in made:
             scores = scorer.score(batch["videos"], batch["prompts"], batch["ids"])
-            groups.append(ScoredGroup(payload["group_id"], tokenizer.encode([payload["prompt"]]),
+            groups.append(ScoredGroup(payload["group_id"], payload["cond"],
                                       trajectory_from_payload(payload), dict(zip(scorer.dims, scores.T)), payload["version"]))
         t2 = time.perf_counter()
         learner.step(groups, "ta", {}, {})
@@ -274,22 +282,20 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
     from actors.reward import reward_actor
     from actors.rollout import rollout_actor
     from orchestrator.config import RewardModelSpec
-    from policy.model import VideoDiT
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
     spec = next((s for s in cfg.rewards.models.values() if s.kind == "oracle"), RewardModelSpec(kind="oracle", num_cpus=0.1))
-    model_cfg = cfg.model.model_dump(mode="json")
-    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size)
-    rollouts = [rollout_actor(i, model_cfg, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus, num_gpus=cfg.ray.rollout_gpus)
-                for i in range(cfg.ray.rollout_workers)]
+    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
+                          dtype=r.dtype)
     pool = RewardPool("oracle", lambda name: reward_actor(name, "oracle", None, num_cpus=spec.num_cpus,
                                                           num_gpus=spec.num_gpus), spec.replicas)
-    learner = None
+    learner, rollouts = None, []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.safetensors"
-            VideoDiT(cfg.model).save(path)  # untrained: the learner actor loads weights from a file
-            learner = learner_actor(model_cfg, str(path), cfg.learner.model_dump(), steps, cfg.train.seed,
+            base = _untrained_base(cfg, tmp)  # every actor loads the same starting weights
+            rollouts = [rollout_actor(i, cfg.model, base, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
+                                      num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
+            learner = learner_actor(cfg.model, base, cfg.learner.model_dump(), steps, cfg.train.seed,
                                     num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, threads=cfg.threads)
             ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values()]] + [learner.version.remote()])
         ledger = Ledger()

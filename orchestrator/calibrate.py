@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from orchestrator.evaluation import evaluate
-from policy.model import VideoDiT
+from policy.backend import Policy
 from rewards.calibration import Profile, calibrate, summarize_scores, write_calibration
 
 ScoreFn = Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]
@@ -49,7 +48,7 @@ def score_in_batches(score: ScoreFn, videos: np.ndarray, prompts: list[str], bat
 
 
 def calibrate_base_model(
-    base_checkpoint: str | os.PathLike | VideoDiT,
+    base: Policy,
     score: ScoreFn,
     profiles: list[Profile],
     *,
@@ -60,11 +59,12 @@ def calibrate_base_model(
     steps: int,
     mode: str,
     out_path: str | os.PathLike,
+    source: str = "<in-memory policy>",
     batch_size: int = 64,
 ) -> dict:
     """Calibrate every profile on the base model and write one JSON file to `out_path` (atomic).
 
-    base_checkpoint: a `model.safetensors` path (or an in-memory VideoDiT).
+    base: the base policy (`orchestrator.pretraining.Base.load()`); `source` names it in the output.
     N = 24 held-out prompts x samples_per_prompt clips, drawn with fixed noise from `seed`; the
     sampler arguments are those of `policy.sampling.sample`. Returns what it wrote:
     {"seed", "base_checkpoint", "sampler", "eta", "steps", "mode", "samples_per_prompt", "n", "prompts",
@@ -78,13 +78,7 @@ def calibrate_base_model(
         raise ValueError(f"profile names must be unique, got {names}")
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    if isinstance(base_checkpoint, VideoDiT):
-        model, source = base_checkpoint, "<in-memory VideoDiT>"
-    else:
-        path = Path(base_checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"base checkpoint not found: {path} (run `videorl pretrain` first)")
-        model, source = VideoDiT.load(path), str(path)
+    model = base.eval()
 
     start = time.perf_counter()
     samples = evaluate(model, sampler=sampler, eta=eta, steps=steps, mode=mode,

@@ -31,24 +31,22 @@ def cmd_pretrain(args) -> None:
     from orchestrator.pretraining import ensure_base_model
 
     cfg = _config(args)
+    if cfg.pretrain is None:
+        raise ValueError(f"the config has pretrain: null: the base is {cfg.model.path} as it is")
     path = ensure_base_model(cfg, force=args.force)
     print(f"base model: {path}")
 
 
 def cmd_eval(args) -> None:
-    from orchestrator.config import base_checkpoint_dir
     from orchestrator.evaluation import DIMENSIONS, evaluate
     from orchestrator.media import save_gif
-    from orchestrator.pretraining import CHECKPOINT
     from orchestrator.tables import format_table, write_json
-    from policy.model import VideoDiT
+    from policy.backend import check_policy_config, load_policy
 
     cfg = _config(args)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else base_checkpoint_dir(cfg) / CHECKPOINT
-    if not checkpoint.is_file():
-        hint = "" if args.checkpoint else " (run `videorl pretrain` first, or pass --checkpoint)"
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}{hint}")
-    model = VideoDiT.load(checkpoint)
+    check_policy_config(cfg.model)
+    checkpoint = _checkpoint_arg(cfg, args.checkpoint)
+    model = load_policy(cfg.model, checkpoint)
     samplers = args.sampler or [cfg.eval.sampler]
     eta = cfg.eval.eta if args.eta is None else args.eta
     out = Path(args.out)
@@ -63,8 +61,28 @@ def cmd_eval(args) -> None:
         results[sampler] = {"eta": rows[-1]["eta"], **means, "per_prompt": _per_prompt(res)}
         save_gif(res.videos[:: cfg.eval.seeds_per_prompt], out / f"samples_{sampler}.gif")
     print(format_table(rows, ["sampler", "eta", *DIMENSIONS, "clips", "seconds"]))
-    write_json({"checkpoint": str(checkpoint), "mode": args.mode or cfg.rollout.mode, "results": results}, out / "eval.json")
+    write_json({"checkpoint": str(checkpoint or cfg.model.path), "mode": args.mode or cfg.rollout.mode,
+                "results": results}, out / "eval.json")
     print(f"wrote {out / 'eval.json'} and GIF grids in {out}/")
+
+
+def _checkpoint_arg(cfg, given: str | None) -> Path | None:
+    """--checkpoint (a run's final/, a base directory, a VideoDiT model.safetensors), else the config's cached base
+    (None: the model as model.path holds it, for configs without pretraining)."""
+    from orchestrator.config import base_checkpoint_dir
+    from orchestrator.pretraining import DONE
+
+    if given:
+        path = Path(given)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return path
+    if cfg.pretrain is None:
+        return None
+    path = base_checkpoint_dir(cfg)
+    if not (path / DONE).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (run `videorl pretrain` first, or pass --checkpoint)")
+    return path
 
 
 def _per_prompt(res) -> dict[str, dict[str, float]]:
@@ -103,12 +121,12 @@ def cmd_train(args) -> None:
 
 def cmd_calibrate(args) -> None:
     from orchestrator.inputs import ensure_calibration, reward_checkpoints
-    from orchestrator.pretraining import ensure_base_model
+    from orchestrator.pretraining import base_policy
     from orchestrator.tables import format_table
     from rewards.calibration import read_calibration
 
     cfg = _config(args)
-    base = ensure_base_model(cfg)
+    base = base_policy(cfg)
     out = Path(args.out) if args.out else None
     path = ensure_calibration(cfg, base, reward_checkpoints(cfg, base), force=True, seed=args.seed, out=out)
     cal = read_calibration(path)
@@ -138,7 +156,7 @@ def cmd_scale(args) -> None:
 
 def cmd_reward(args) -> None:
     from orchestrator.config import cache_dir
-    from orchestrator.pretraining import ensure_base_model
+    from orchestrator.pretraining import base_policy
     from orchestrator.reward_training import (ensure_engagement_model, ensure_preference_data, ensure_reward_model,
                                               reward_bench)
     from orchestrator.tables import format_table, write_json
@@ -146,7 +164,7 @@ def cmd_reward(args) -> None:
 
     cfg = _config(args)
     r, cache, out = cfg.rewards, cache_dir(cfg), Path(args.out)
-    base = ensure_base_model(cfg)
+    base = base_policy(cfg)
     if args.action == "train" and args.model == "engagement":
         path, metrics = ensure_engagement_model(r.engagement, base, cache, force=args.force, mode=cfg.rollout.mode,
                                                 steps=cfg.rollout.steps)
@@ -191,19 +209,17 @@ def cmd_compare(args) -> None:
 
 
 def cmd_bench_kvcache(args) -> None:
-    from orchestrator.config import base_checkpoint_dir
-    from orchestrator.pretraining import CHECKPOINT
     from orchestrator.tables import format_table, write_json
+    from policy.backend import init_policy
     from policy.kv_bench import kvcache_benchmark
-    from policy.model import VideoDiT
 
     cfg = _config(args)
-    checkpoint = base_checkpoint_dir(cfg) / CHECKPOINT
-    model = VideoDiT.load(checkpoint) if checkpoint.is_file() else VideoDiT(cfg.model)  # timing needs no training
+    model = init_policy(cfg.model).eval()  # timing needs no training
     rows = kvcache_benchmark(model, group_size=cfg.rollout.group_size, steps=cfg.rollout.steps)
+    shape = model.shape
     lengths = [{k: v for k, v in r.items() if k != "bench"} for r in rows if r["bench"] == "length"]
     groups = [{k: v for k, v in r.items() if k != "bench"} for r in rows if r["bench"] == "group"]
-    print(f"rolling KV cache (window {model.cfg.window} frames, sink {model.cfg.sink}): per-chunk time and cache size "
+    print(f"rolling KV cache (window {shape.window} frames, sink {shape.sink}): per-chunk time and cache size "
           f"at 4x, 8x, 16x the training length\n" + format_table(lengths))
     print("\nG candidates sharing a frozen prefix vs G independent rollouts\n" + format_table(groups))
     path = write_json({"lengths": lengths, "group": groups}, Path(args.out) / "bench_kvcache.json")

@@ -63,14 +63,16 @@ def check_fits(cfg: Config) -> None:
                              f"lower ray.rollout_workers / ray.*_{what.lower()}s / rewards.models.*.num_{what.lower()}s")
 
 
-def start_actors(cfg: Config, base_checkpoint: str, reward_checkpoints: dict[str, str | None],
+def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
                  reward_dims: dict[str, tuple[str, ...]], taus: dict[str, float]) -> RunActors:
-    """Every actor of a run (call `check_fits` first: an actor that cannot be placed waits forever)."""
-    model_cfg = cfg.model.model_dump(mode="json")
+    """Every actor of a run (call `check_fits` first: an actor that cannot be placed waits forever).
+    base: `orchestrator.pretraining.Base`; its prompt table goes to the store once and every rollout actor reads it."""
+    base_path = None if base.path is None else str(base.path)
     r = cfg.rollout
-    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size)
-    rollouts = [rollout_actor(i, model_cfg, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus, num_gpus=cfg.ray.rollout_gpus)
-                for i in range(cfg.ray.rollout_workers)]
+    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
+                          dtype=r.dtype, prompt_table=None if base.prompt_table is None else ray.put(base.prompt_table))
+    rollouts = [rollout_actor(i, cfg.model, base_path, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
+                              num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
     pools, names = {}, {}
     for name, spec in cfg.rewards.models.items():
         def spawn(actor_name, spec=spec, ckpt=reward_checkpoints.get(name)):
@@ -78,7 +80,7 @@ def start_actors(cfg: Config, base_checkpoint: str, reward_checkpoints: dict[str
                                 delay_s=spec.delay_s)
         pools[name] = RewardPool(name, spawn, spec.replicas)
         names[name] = [spec.prefix + d for d in reward_dims[name]]
-    learner = learner_actor(model_cfg, base_checkpoint, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
+    learner = learner_actor(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
                             num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
     controller = controller_actor(cfg.constraints.model_dump(), taus)
     return RunActors(rollouts, pools, names, learner, controller, control_actor(list(pools)))

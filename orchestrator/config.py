@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,6 +22,7 @@ from orchestrator.hashing import code_version, fingerprint
 from orchestrator.reward_training import EngagementConfig, RewardTrainConfig
 from policy.learner import LearnerConfig
 from policy.model import ModelConfig
+from policy.wan.config import WanConfig
 from rewards.constraints import ConstraintsConfig
 from rewards.preference import PreferenceDataConfig
 from rewards.world import VOCAB, FlawConfig
@@ -58,6 +59,7 @@ class PretrainConfig(Section):
 
 class RolloutConfig(Section):
     mode: Literal["bidirectional", "causal"] = "causal"
+    dtype: Literal["float32", "bfloat16", "float64"] | None = None  # the rollout copy's model dtype; None = model.dtype
     sampler: Literal[SAMPLERS] = "sage"
     eta: float = Field(0.7, ge=0)
     steps: int = Field(8, gt=0)
@@ -130,10 +132,14 @@ class EvalConfig(Section):
     constraint_samples_per_prompt: int = Field(32, gt=0)
 
 
+MODEL_KINDS = ("videodit", "wan", "wan_causal")
+PolicyConfig = Annotated[Union[ModelConfig, WanConfig], Field(discriminator="kind")]
+
+
 class Config(Section):
-    model: ModelConfig = ModelConfig(vocab=VOCAB)
+    model: PolicyConfig = ModelConfig(vocab=VOCAB)
     data: DataConfig = DataConfig()
-    pretrain: PretrainConfig = PretrainConfig()
+    pretrain: PretrainConfig | None = PretrainConfig()  # null: the base is model.path as it is (Wan)
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardsConfig = RewardsConfig()
     constraints: ConstraintsConfig = ConstraintsConfig()
@@ -147,10 +153,16 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        if self.model.vocab != VOCAB:
+        if self.model.kind == "videodit" and self.model.vocab != VOCAB:
             missing = sorted(set(VOCAB) - set(self.model.vocab))
             if missing:
                 raise ValueError(f"model.vocab lacks the world's words {missing}")
+        if self.pretrain is None and self.model.kind == "videodit":
+            raise ValueError("pretrain: null needs a model with weights of its own (model.kind wan/wan_causal with "
+                             "model.path); a videodit base is pretrained")
+        if self.model.kind == "wan" and self.rollout.mode != "bidirectional":
+            raise ValueError("model.kind=wan attends over the whole clip: set rollout.mode=bidirectional "
+                             "(or model.kind=wan_causal for chunk-causal streaming)")
         if self.rollout.group_size < 2 and self.learner.advantage in ("grpo", "gdpo"):
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: {self.learner.advantage} needs groups of at least 2")
         if self.learner.loss == "ppo" and self.rollout.sampler == "ode":
@@ -187,7 +199,10 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
 def _format_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc = list(e["loc"])
+        if loc[:1] == ["model"] and len(loc) > 1 and loc[1] in MODEL_KINDS:  # the union's tag is not a key
+            loc.pop(1)
+        key = ".".join(str(p) for p in loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{key}'")
@@ -219,8 +234,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def _deep_merge(into: dict, update: dict) -> None:
+    """Merge `update` into `into`; a section of another `kind` (model, reward model) replaces the base's outright,
+    since the two kinds take different keys."""
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and value.get("kind", into[key].get("kind")) \
+                == into[key].get("kind"):
             _deep_merge(into[key], value)
         else:
             into[key] = value
@@ -232,7 +250,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     raw = _read_yaml(path)
     for text in overrides:
         apply_override(raw, *parse_override(text))
-    raw.setdefault("model", {}).setdefault("vocab", VOCAB)
+    model = raw.setdefault("model", {})
+    if isinstance(model, dict):
+        if model.setdefault("kind", "videodit") == "videodit":
+            model.setdefault("vocab", VOCAB)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -244,9 +265,28 @@ def cache_dir(cfg: Config) -> Path:
     return Path(root)
 
 
-BASE_CODE = ("policy.model", "policy.pretrain", "rewards.world", "orchestrator.pretraining")
+BASE_CODE = ("policy.backend", "policy.model", "policy.wan.policy", "policy.pretrain", "rewards.world",
+             "orchestrator.pretraining")
+
+
+def model_source_key(cfg: Config) -> str:
+    """Hash of the files a Wan model starts from (model.path, model.checkpoint); "" for videodit (random init)."""
+    if cfg.model.kind == "videodit":
+        return ""
+    from orchestrator.hashing import tree_sha256
+
+    parts = [tree_sha256(cfg.model.path)] + ([tree_sha256(cfg.model.checkpoint)] if cfg.model.checkpoint else [])
+    return ":".join(parts)
 
 
 def base_checkpoint_dir(cfg: Config) -> Path:
     """Where `videorl pretrain` puts (and later commands find) the base model for this config."""
-    return cache_dir(cfg) / f"base-{fingerprint(cfg.model, cfg.data, cfg.pretrain, code_version(*BASE_CODE))}"
+    key = fingerprint(cfg.model, cfg.data, cfg.pretrain or "none", model_source_key(cfg), code_version(*BASE_CODE))
+    return cache_dir(cfg) / f"base-{key}"
+
+
+def base_key(cfg: Config, base: Path | None) -> str:
+    """Content key of the base the run starts from: the pretrained directory, or the model's own files."""
+    from orchestrator.hashing import tree_sha256
+
+    return tree_sha256(base) if base is not None else model_source_key(cfg)

@@ -8,11 +8,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from policy.model import VideoDiT, model_to_videos
+from policy.backend import Policy
 from policy.sampling import sample
-from policy.text import WordTokenizer
 from rewards.oracle import score_batch
-from rewards.world import heldout_prompts, to_uint8
+from rewards.world import heldout_prompts
 
 DIMENSIONS = ("vq", "mq", "ta", "overall")
 
@@ -29,7 +28,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: VideoDiT,
+    model: Policy,
     *,
     sampler: str,
     eta: float,
@@ -48,11 +47,11 @@ def evaluate(
     """
     prompts = prompts or [p.text for p in heldout_prompts()]
     texts = [p for p in prompts for _ in range(seeds_per_prompt)]
-    ids = WordTokenizer(model.cfg.vocab).encode(texts)
+    ids = model.encode_prompts(texts)
     gen = torch.Generator().manual_seed(seed)
     clips = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None):
         traj = sample(model, ids[start : start + batch_size], steps=steps, sde_type=sampler, eta=eta, mode=mode, generator=gen)
-        clips.append(to_uint8(model_to_videos(traj.videos)))
+        clips.append(model.decode(traj.videos))
     videos = np.concatenate(clips)
     return EvalResult(videos, texts, score_batch(videos, texts))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-# the code that draws clips from a base model (preference data, engagement logs, calibration)
-SAMPLING_CODE = ("policy.model", "policy.sampling", "policy.sde")
+# the code that draws clips from a base model (preference data, engagement logs, calibration), any backend
+SAMPLING_CODE = ("policy.backend", "policy.model", "policy.sampling", "policy.sde", "policy.wan.policy")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -38,3 +38,19 @@ def code_version(*modules: str) -> str:
             raise ValueError(f"code_version: no source file for module {name!r}")
         digest.update(Path(spec.origin).read_bytes())
     return digest.hexdigest()[:12]
+
+
+BIG_FILE = 512 << 20  # files this large are keyed by size and modification time, not read (multi-GB weights)
+
+
+def tree_sha256(path: str | Path) -> str:
+    """Hash of a file, or of every file under a directory (relative names and contents): the key of a model
+    directory such as a diffusers checkpoint. Files over BIG_FILE bytes count by (size, mtime) instead of content."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        key = f"{st.st_size}:{st.st_mtime_ns}" if st.st_size > BIG_FILE else file_sha256(f)
+        digest.update(f"{f.relative_to(path) if f != path else f.name}:{key};".encode())
+    return digest.hexdigest()

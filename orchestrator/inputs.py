@@ -13,9 +13,9 @@ from orchestrator.calibrate import calibrate_base_model
 from orchestrator.config import Config, cache_dir
 from orchestrator.evaluation import evaluate
 from orchestrator.hashing import SAMPLING_CODE, code_version, fingerprint
-from orchestrator.pretraining import ensure_base_model
+from orchestrator.pretraining import Base, base_policy
 from orchestrator.prompts import load_prompt_file
-from policy.model import VideoDiT
+from policy.backend import Policy, video_shape
 from rewards.calibration import load_profile, profile_taus, read_calibration
 from rewards.errors import DataError
 from rewards.scorer import RewardScorer
@@ -24,7 +24,7 @@ from rewards.world import Prompt, train_prompts
 
 @dataclass
 class Inputs:
-    base: Path
+    base: Base
     reward_checkpoints: dict[str, str | None]  # reward model name -> checkpoint
     reward_dims: dict[str, tuple[str, ...]]  # reward model name -> its score dimensions
     primary: str
@@ -39,7 +39,7 @@ def training_prompts(cfg: Config) -> list[str]:
     return load_prompt_file(cfg.data.prompts, validate=Prompt.parse)
 
 
-def reward_checkpoints(cfg: Config, base: Path, progress: bool = True) -> dict[str, str | None]:
+def reward_checkpoints(cfg: Config, base: Base, progress: bool = True) -> dict[str, str | None]:
     """Checkpoint per reward model: the configured one, else trained (cached) here."""
     cache = cache_dir(cfg)
     out: dict[str, str | None] = {}
@@ -53,12 +53,13 @@ def reward_checkpoints(cfg: Config, base: Path, progress: bool = True) -> dict[s
             data = ensure_preference_data(cfg.rewards.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps)
             out[name] = str(ensure_reward_model(cfg.rewards.reward_model, data, cache, progress=progress))
         else:
-            out[name] = str(ensure_engagement_model(cfg.rewards.engagement, base, cache, progress=progress)[0])
+            out[name] = str(ensure_engagement_model(cfg.rewards.engagement, base, cache, progress=progress,
+                                                    mode=cfg.rollout.mode, steps=cfg.rollout.steps)[0])
     return out
 
 
 def scorers(cfg: Config, checkpoints: dict[str, str | None]) -> dict[str, RewardScorer]:
-    shape = (cfg.model.frames, cfg.model.size, cfg.model.size, cfg.model.channels)
+    shape = (*video_shape(cfg.model), 3)
     return {name: RewardScorer(spec.kind, checkpoints[name], shape) for name, spec in cfg.rewards.models.items()}
 
 
@@ -75,7 +76,7 @@ def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, 
     return out
 
 
-def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model: VideoDiT) -> tuple[dict[str, float], list[str]]:
+def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model: Policy) -> tuple[dict[str, float], list[str]]:
     """Every reward's mean on the held-out prompts for `model`, sampled the way the calibration sampled
     the base model (the rollout sampler): the value each constraint's τ is compared with after training.
     A clip some reward model rejects (`DataError`) is left out of every mean; returns (means, left-out ids)."""
@@ -98,7 +99,7 @@ def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model
     return means, skipped
 
 
-def calibration_path(cfg: Config, base: Path, checkpoints: dict[str, str | None]) -> Path:
+def calibration_path(cfg: Config, base: Base, checkpoints: dict[str, str | None]) -> Path:
     """Keyed by the base model and reward checkpoints (their paths carry their own keys), the config, the
     profiles' text and the calibration code."""
     from rewards.calibration import profiles_dir
@@ -108,11 +109,11 @@ def calibration_path(cfg: Config, base: Path, checkpoints: dict[str, str | None]
         profiles.append(Path(cfg.rewards.profile).read_text())
     code = code_version("orchestrator.calibrate", "orchestrator.evaluation", "orchestrator.inputs", "rewards.calibration",
                         "rewards.scorer", "rewards.oracle", *SAMPLING_CODE)
-    key = fingerprint(cfg.rewards, cfg.rollout, str(base), json.dumps(checkpoints, sort_keys=True), *profiles, code)
+    key = fingerprint(cfg.rewards, cfg.rollout, base.key, json.dumps(checkpoints, sort_keys=True), *profiles, code)
     return cache_dir(cfg) / f"calibration-{key}.json"
 
 
-def ensure_calibration(cfg: Config, base: Path, checkpoints: dict[str, str | None], force: bool = False,
+def ensure_calibration(cfg: Config, base: Base, checkpoints: dict[str, str | None], force: bool = False,
                        seed: int | None = None, out: Path | None = None) -> Path:
     """τ for every shipped profile (and the configured one), measured on the base model's rollouts."""
     path = out or calibration_path(cfg, base, checkpoints)
@@ -126,15 +127,16 @@ def ensure_calibration(cfg: Config, base: Path, checkpoints: dict[str, str | Non
     profiles += [p for p in map(load_profile, available_profiles())  # every shipped profile these rewards can serve
                  if p.name != profiles[0].name and {p.primary, *p.constraints} <= rewards]
     c, r = cfg.rewards.calibration, cfg.rollout
-    calibrate_base_model(base, lambda v, p: score_all(cfg, models, v, p), profiles,
+    calibrate_base_model(base.load(), lambda v, p: score_all(cfg, models, v, p), profiles,
                          samples_per_prompt=c.samples_per_prompt, seed=c.seed if seed is None else seed,
-                         sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode, out_path=path)
+                         sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode, out_path=path,
+                         source=str(base.path or cfg.model.path))
     return path
 
 
 def prepare(cfg: Config, progress: bool = True) -> Inputs:
     prompts = training_prompts(cfg)  # a bad prompt file fails here, before any training
-    base = ensure_base_model(cfg, progress=progress)
+    base = base_policy(cfg, prompts, progress=progress)
     checkpoints = reward_checkpoints(cfg, base, progress)
     dims = {name: s.dims for name, s in scorers(cfg, checkpoints).items()}
     profile = load_profile(cfg.rewards.profile)

@@ -11,22 +11,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from policy.model import VideoDiT, model_to_videos
+from policy.backend import Policy
 from policy.sampling import sample
-from policy.text import WordTokenizer
 from rewards.preference import (PreferenceDataConfig, pair_table, render_references, score_pool, summary,
                                 write_preference_data)
-from rewards.world import all_prompts, to_uint8
+from rewards.world import all_prompts
 
 
 @torch.no_grad()
-def sample_base_pool(model: VideoDiT, prompts: list[str], cfg: PreferenceDataConfig, mode: str = "causal",
+def sample_base_pool(model: Policy, prompts: list[str], cfg: PreferenceDataConfig, mode: str = "causal",
                      steps: int = 8, batch_size: int = 256, progress: bool = True) -> tuple[np.ndarray, dict]:
     """`cfg.samples_per_prompt` clips per prompt per sampler -> (uint8 [N, T, H, W, 3], pool columns
     prompt, source "base", sampler, eta, degradation "", strength 0). Sampler i draws its noise from a
     generator seeded by (cfg.seed, i), so a pool is reproducible and samplers see different noise."""
     texts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    ids = WordTokenizer(model.cfg.vocab, model.cfg.max_words).encode(texts)
+    ids = model.encode_prompts(texts)
     batches = -(-len(texts) // batch_size)
     bar = tqdm(total=batches * len(cfg.samplers), desc="reward data: base samples", unit="batch", disable=not progress)
     videos, meta = [], {"prompt": [], "source": [], "sampler": [], "eta": [], "degradation": [], "strength": []}
@@ -36,7 +35,7 @@ def sample_base_pool(model: VideoDiT, prompts: list[str], cfg: PreferenceDataCon
         for start in range(0, len(texts), batch_size):
             traj = sample(model, ids[start:start + batch_size], steps=steps, sde_type=spec.sde_type, eta=spec.eta,
                           mode=mode, generator=gen)
-            videos.append(to_uint8(model_to_videos(traj.videos)))
+            videos.append(model.decode(traj.videos))
             bar.update(1)
         for key, value in zip(meta, ("", "base", spec.sde_type, spec.eta, "", 0.0)):
             meta[key] += texts if key == "prompt" else [value] * len(texts)
@@ -44,14 +43,13 @@ def sample_base_pool(model: VideoDiT, prompts: list[str], cfg: PreferenceDataCon
     return np.concatenate(videos), meta
 
 
-def build_preference_dataset(cfg: PreferenceDataConfig, base_checkpoint: Path, out_dir: Path, mode: str = "causal",
+def build_preference_dataset(cfg: PreferenceDataConfig, model: Policy, out_dir: Path, mode: str = "causal",
                              steps: int = 8, progress: bool = True, batch_size: int = 256) -> dict:
-    """Sample every world prompt (train + held-out) with the base model at each configured sampler, add
+    """Sample every world prompt (train + held-out) with the base policy at each configured sampler, add
     true and degraded renders, score the pool with the oracle, pair and label it, and write `out_dir`
     (see `rewards.preference`). Returns `rewards.preference.summary(out_dir)`.
     """
-    model = VideoDiT.load(base_checkpoint).eval()
-    frames, size = model.cfg.frames, model.cfg.size
+    frames, size = model.shape.video_frames, model.shape.video_height
     prompts = [p.text for p in all_prompts()]
     base, base_meta = sample_base_pool(model, prompts, cfg, mode, steps, batch_size, progress)
     with tqdm(total=3, desc="reward data: renders, oracle, pairs", disable=not progress) as bar:

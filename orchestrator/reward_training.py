@@ -99,24 +99,21 @@ def _fresh_tmp(out: Path) -> Path:
 
 # ---------------------------------------------------------------- preference data
 
-def ensure_preference_data(pref_cfg: PreferenceDataConfig, base_ckpt: Path, cache: Path, mode: str = "causal",
+def ensure_preference_data(pref_cfg: PreferenceDataConfig, base, cache: Path, mode: str = "causal",
                            steps: int = 8, force: bool = False, progress: bool = True) -> Path:
-    """Directory of oracle-labelled pairs (`rewards.preference` format) for this data config, base checkpoint
-    (by content), sampling mode and step count; built on first use, then reused."""
+    """Directory of oracle-labelled pairs (`rewards.preference` format) for this data config, base policy
+    (`orchestrator.pretraining.Base`, by content key), sampling mode and step count; built on first use, then reused."""
     from orchestrator.reward_data import build_preference_dataset  # loads the policy model code
 
-    base_ckpt = Path(base_ckpt)
-    if not base_ckpt.is_file():
-        raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
     code = code_version("rewards.preference", "rewards.oracle", "rewards.world", "orchestrator.reward_data", *SAMPLING_CODE)
-    out = Path(cache) / f"prefdata-{fingerprint(pref_cfg, file_sha256(base_ckpt), mode, steps, code)}"
+    out = Path(cache) / f"prefdata-{fingerprint(pref_cfg, base.key, mode, steps, code)}"
     if force or not (out / "pairs.parquet").is_file():
         Path(cache).mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         # write_preference_data is itself atomic (temp dir + rename)
-        info = build_preference_dataset(pref_cfg, base_ckpt, out, mode=mode, steps=steps, progress=progress)
+        info = build_preference_dataset(pref_cfg, base.load().eval(), out, mode=mode, steps=steps, progress=progress)
         (out / "summary.json").write_text(json.dumps({**info, "seconds": round(time.perf_counter() - start, 1),
-                                                      "base_checkpoint": str(base_ckpt)}, indent=2))
+                                                      "base_checkpoint": str(base.path)}, indent=2))
     return out
 
 
@@ -244,7 +241,7 @@ def _json_float(x: float) -> float | None:
 
 # ---------------------------------------------------------------- engagement predictor
 
-def engagement_logs(eng_cfg: EngagementConfig, base_ckpt: Path, mode: str = "causal", steps: int = 8,
+def engagement_logs(eng_cfg: EngagementConfig, base, mode: str = "causal", steps: int = 8,
                     progress: bool = True) -> dict:
     """The clips shown to users and what they did: {"videos": uint8 [N, T, H, W, 3], "prompts": [N],
     "heldout": bool [N] (clip of a held-out prompt), "clicks": float32 [N] (1/0, NaN = no impression),
@@ -254,18 +251,18 @@ def engagement_logs(eng_cfg: EngagementConfig, base_ckpt: Path, mode: str = "cau
     and ode), one is a true render and the rest degraded renders; N ≈ log_clips (rounded to whole prompts).
     """
     from orchestrator.reward_data import sample_base_pool
-    from policy.model import VideoDiT
 
     prompts = [p.text for p in all_prompts()]
     per_prompt = max(3, -(-eng_cfg.log_clips // len(prompts)))
     n_base = max(2, per_prompt // 3) // 2 * 2  # an even count: half per sampler
     pool_cfg = PreferenceDataConfig(samples_per_prompt=n_base // 2, seed=eng_cfg.seed,
                                     samplers=[SamplerSpec(sde_type="sage", eta=0.7), SamplerSpec(sde_type="ode")])
-    model = VideoDiT.load(base_ckpt).eval()
-    base, base_meta = sample_base_pool(model, prompts, pool_cfg, mode=mode, steps=steps, progress=progress)
+    model = base.load().eval()
+    samples, base_meta = sample_base_pool(model, prompts, pool_cfg, mode=mode, steps=steps, progress=progress)
     rng = np.random.default_rng([eng_cfg.seed, 7])
-    refs, ref_meta = render_references(prompts, per_prompt - n_base - 1, rng, model.cfg.frames, model.cfg.size)
-    videos = np.concatenate([base, refs])
+    refs, ref_meta = render_references(prompts, per_prompt - n_base - 1, rng, model.shape.video_frames,
+                                       model.shape.video_height)
+    videos = np.concatenate([samples, refs])
     texts = base_meta["prompt"] + ref_meta["prompt"]
     users = UserPopulation(seed=eng_cfg.seed, n_users=eng_cfg.n_users)
     # impressions() draws who saw what; redo its draw here to also keep the user and their click probability
@@ -282,7 +279,7 @@ def engagement_logs(eng_cfg: EngagementConfig, base_ckpt: Path, mode: str = "cau
             "users": who, "p_click": p_click}
 
 
-def ensure_engagement_model(eng_cfg: EngagementConfig, base_ckpt: Path, cache: Path, force: bool = False,
+def ensure_engagement_model(eng_cfg: EngagementConfig, base, cache: Path, force: bool = False,
                             progress: bool = True, mode: str = "causal", steps: int = 8) -> tuple[Path, dict]:
     """Fit (or reuse) the dense engagement predictor on click logs of clips of TRAINING prompts and measure it on
     the logs of held-out prompts. Returns (directory with model.safetensors and engagement.json, metrics):
@@ -290,16 +287,13 @@ def ensure_engagement_model(eng_cfg: EngagementConfig, base_ckpt: Path, cache: P
     of the true click probability of the user who saw each clip (the ceiling), and of the population-average
     click probability (the ceiling for a predictor that does not know the user), plus counts and seconds.
     """
-    base_ckpt = Path(base_ckpt)
-    if not base_ckpt.is_file():
-        raise FileNotFoundError(f"base checkpoint not found: {base_ckpt} (run `videorl pretrain` first)")
     code = code_version("rewards.feedback", "rewards.world", "rewards.preference", "orchestrator.reward_data",
                         "orchestrator.reward_training", *SAMPLING_CODE)
-    out = Path(cache) / f"engagement-{fingerprint(eng_cfg, file_sha256(base_ckpt), mode, steps, code)}"
+    out = Path(cache) / f"engagement-{fingerprint(eng_cfg, base.key, mode, steps, code)}"
     if not force and (out / "model.safetensors").is_file() and (out / "engagement.json").is_file():
         return out, json.loads((out / "engagement.json").read_text())
     start = time.perf_counter()
-    logs = engagement_logs(eng_cfg, base_ckpt, mode, steps, progress)
+    logs = engagement_logs(eng_cfg, base, mode, steps, progress)
     seen = ~np.isnan(logs["clicks"])
     train, test = seen & ~logs["heldout"], seen & logs["heldout"]
     if len(set(logs["clicks"][test].tolist())) < 2 or len(set(logs["clicks"][train].tolist())) < 2:
@@ -318,7 +312,7 @@ def ensure_engagement_model(eng_cfg: EngagementConfig, base_ckpt: Path, cache: P
         "train_impressions": int(train.sum()), "heldout_impressions": int(test.sum()),
         "clips": len(logs["clicks"]), "click_rate": float(np.nanmean(logs["clicks"])),
         "seconds": round(time.perf_counter() - start, 1), "mix": eng_cfg.mix,
-        "config": eng_cfg.model_dump(mode="json"), "base_checkpoint": str(base_ckpt),
+        "config": eng_cfg.model_dump(mode="json"), "base_checkpoint": str(base.path),
     }
     tmp = _fresh_tmp(out)
     predictor.save(tmp / "model.safetensors")

@@ -25,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 import yaml
 from tqdm import tqdm
 
@@ -219,14 +218,15 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     from orchestrator.evaluation import evaluate
     from orchestrator.inputs import held_out_reward_means, prepare
     from orchestrator.report import write_report
-    from policy.model import VideoDiT
+    from policy.backend import check_policy_config
 
+    check_policy_config(cfg.model)  # the model directory, frames, LoRA targets, dtype: before anything runs
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)
     check_fits(cfg)  # before hours of pretraining, not after
     inputs = prepare(cfg, progress=progress)
     write_resolved_config(cfg, run_dir)
-    actors = start_actors(cfg, str(inputs.base), inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
+    actors = start_actors(cfg, inputs.base, inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
         with _stop_on_signals(stop):
             run = train_loop(cfg, run_dir, actors, inputs.prompts, inputs.primary, inputs.taus, resume_from, progress, stop)
@@ -234,17 +234,18 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     finally:
         actors.shutdown()
     e = cfg.eval
-    model = VideoDiT.load(inputs.base)
+    model = inputs.base.load()
     scores = {}
     for when, weights in (("before", None), ("after", final)):
         if weights is not None:
-            model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+            model.load_trainable_state(weights)
         res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, mode=cfg.rollout.mode,
                        seeds_per_prompt=e.seeds_per_prompt, seed=e.seed)
         scores[when] = res.means()
         (run_dir / "samples").mkdir(exist_ok=True)
         np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
-    model.save(run_dir / "final" / "model.safetensors")
+    model.save(run_dir / "final")
+    (run_dir / "final" / "base.json").write_text(json.dumps({"base": str(inputs.base.path), "base_key": inputs.base.key}))
     # τ was measured on the base model's held-out rollouts; "final" is the same measurement on the trained policy
     held_out, skipped = held_out_reward_means(cfg, inputs.reward_checkpoints, model)
     last_quarter = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
@@ -287,13 +288,13 @@ def _stop_on_signals(stop: threading.Event | None):
 def _check_resumable(cfg: Config, run_dir: Path) -> Checkpoint:
     """Before any actor starts: the run's latest good checkpoint, which must fit the configured model."""
     from orchestrator.checkpoint import check_compatible
-    from policy.model import VideoDiT
+    from policy.backend import trainable_shapes
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
     try:
-        check_compatible(ckpt.tensors["policy"], VideoDiT(cfg.model))
+        check_compatible(ckpt.tensors["policy"], trainable_shapes(cfg.model))
     except ValueError as e:
         raise ValueError(f"cannot resume {ckpt.path}: {e}") from None
     return ckpt

@@ -16,8 +16,10 @@ from functools import partial
 
 import torch
 
-from policy.model import VideoDiT
+from policy.backend import Policy
 from policy.sampling import sample
+
+BENCH_PROMPT = "a red circle moving left quickly"  # the content does not matter for timing
 
 
 def _timed(fn) -> float:
@@ -27,7 +29,7 @@ def _timed(fn) -> float:
 
 
 def kvcache_benchmark(
-    model: VideoDiT,
+    model: Policy,
     *,
     lengths: tuple[int, ...] = (4, 8, 16),
     group_size: int = 8,
@@ -35,18 +37,17 @@ def kvcache_benchmark(
     repeats: int = 3,
     seed: int = 0,
 ) -> list[dict]:
-    """Rows of {"bench", ...}; `lengths` are multiples of cfg.frames.
+    """Rows of {"bench", ...}; `lengths` are multiples of the training clip (model.shape.frames latent frames).
 
     length rows: frames, chunks, ms_per_chunk (median over repeats), cache_bytes_max (largest cache seen
         while generating, which stays flat once the window is full), cache_frames_max.
     group row: group_size, prefix_chunks, shared_ms, independent_ms, speedup = independent / shared.
     """
-    cfg = model.cfg
+    cfg = model.shape
     if any(m < 1 for m in lengths) or group_size < 1 or steps < 1 or repeats < 1:
         raise ValueError("lengths, group_size, steps and repeats must be >= 1")
     gen = torch.Generator().manual_seed(seed)
-    # one prompt of the first vocabulary word: the content does not matter for timing
-    prompt = torch.ones(1, 1, dtype=torch.long, device=model.pos_embed.device)
+    prompt = model.encode_prompts([BENCH_PROMPT])
     runs, seen = {}, {}
     for mult in lengths:
         frames = mult * cfg.frames
@@ -84,7 +85,7 @@ def kvcache_benchmark(
     common = dict(steps=steps, sde_type="sage", eta=0.5, mode="causal", num_frames=frames)
     common["generator"] = gen
     shared = partial(sample, model, prompt, group_size=group_size, prefix_chunks=prefix, **common)
-    independent = partial(sample, model, prompt.expand(group_size, -1), **common)
+    independent = partial(sample, model, prompt.expand(group_size, *prompt.shape[1:]), **common)
     shared()
     independent()
     t_shared, t_indep = [], []

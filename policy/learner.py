@@ -15,7 +15,6 @@ so every window position of the clip is trained over a run, the first chunk incl
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,8 +22,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from policy.backend import Policy, trainable_bytes
 from policy.losses import ema_update, gaussian_kl, kl_schedule, nft_loss, ppo_clip_loss, stepwise_kl
-from policy.model import VideoDiT
 from policy.sampling import Trajectory, recompute_log_probs
 from policy.sde import equalizer_scales
 from rewards.advantages import constrained_channels, constrained_weights, gdpo_advantages, grpo_advantages
@@ -60,7 +59,7 @@ class ScoredGroup:
     """One prompt's G candidates with their rewards. traj rows are the candidates; rewards[name] is [G]."""
 
     group_id: str
-    prompt_ids: torch.Tensor  # [1, L]
+    cond: torch.Tensor  # [1, ...] the prompt's conditioning (policy.encode_prompts)
     traj: Trajectory
     rewards: dict[str, np.ndarray]
     version: int
@@ -83,21 +82,26 @@ def advantages(groups: list[ScoredGroup], primary: str, taus: dict[str, float], 
 
 
 class Learner:
-    """Holds the policy, its optimiser and the reference / anchor / old copies; `step` is one update."""
+    """Holds the policy, its optimiser and the reference / anchor / old copies; `step` is one update.
 
-    def __init__(self, model: VideoDiT, cfg: LearnerConfig, total_steps: int, seed: int = 0):
+    The copies are `policy.frozen_copy(role)`: whole models for full fine-tuning, adapters on the same base with
+    LoRA (reference = adapters off). The optimiser sees only `policy.trainable_parameters()`.
+    """
+
+    def __init__(self, model: Policy, cfg: LearnerConfig, total_steps: int, seed: int = 0):
         self.model, self.cfg, self.total_steps = model.train(), cfg, total_steps
-        self.reference = copy.deepcopy(model).requires_grad_(False).eval()  # the initial (base) model
-        self.anchor = copy.deepcopy(self.reference)  # moving anchor, refreshed every update_ref_every
-        self.old = copy.deepcopy(self.reference)  # NFT old policy (EMA)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+        self.reference = model.frozen_copy("reference")  # the initial (base) model
+        self.anchor = model.frozen_copy("anchor")  # moving anchor, refreshed every update_ref_every
+        self.old = model.frozen_copy("old")  # NFT old policy (EMA)
+        self.opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0
+        self.publish_bytes = trainable_bytes(model.trainable_state())
 
     def step(self, groups: list[ScoredGroup], primary: str, taus: dict[str, float],
              lambdas: dict[str, float]) -> dict[str, float]:
         """One optimiser step over all groups (gradients accumulated group by group). Returns stats."""
-        adv = advantages(groups, primary, taus, lambdas, self.cfg.advantage)
+        adv = advantages(groups, primary, taus, lambdas, self.cfg.advantage).to(self.model.device)
         self.opt.zero_grad(set_to_none=True)
         stats: dict[str, list[float]] = {}
         start = 0
@@ -109,15 +113,16 @@ class Learner:
             (loss * len(a) / n_samples).backward()
             for k, v in parts.items():
                 stats.setdefault(k, []).append(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.version += 1
         if self.cfg.loss == "nft":
-            ema_update(self.old.parameters(), self.model.parameters(), self.cfg.nft_old_ema)
+            ema_update(self.old.trainable_parameters(), self.model.trainable_parameters(), self.cfg.nft_old_ema)
         if self.version % self.cfg.update_ref_every == 0:
-            self.anchor.load_state_dict(self.model.state_dict())
+            self.anchor.load_trainable_state(self.model.trainable_state())
         out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out.update(grad_norm=float(grad_norm), adv_abs=float(adv.abs().mean()), version=self.version)
+        out.update(grad_norm=float(grad_norm), adv_abs=float(adv.abs().mean()), version=self.version,
+                   **{"weights/bytes_per_version": self.publish_bytes})
         return out
 
     def _ppo(self, g: ScoredGroup, adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -125,9 +130,10 @@ class Learner:
         n_steps = traj.log_probs.shape[2]
         k_count = max(1, round(cfg.step_fraction * n_steps))
         ks = sorted(torch.randperm(n_steps, generator=self.generator)[:k_count].tolist())
-        new = recompute_log_probs(self.model, traj, g.prompt_ids, ks, traj.sde_type, traj.eta)
+        new = recompute_log_probs(self.model, traj, g.cond, ks, traj.sde_type, traj.eta)
         old_lp = traj.log_probs[:, traj.prefix_chunks :, ks]  # [G, n, S] behaviour log-probs
         scales = equalizer_scales(traj.sde_type, traj.sigmas, traj.eta)[ks] if cfg.equalizer else torch.ones(len(ks))
+        scales = scales.to(new.log_probs.device)
         per_step, ratios, clipped = [], [], []
         for i in range(len(ks)):
             lp, lp_old = new.log_probs[:, :, i].reshape(-1), old_lp[:, :, i].reshape(-1)
@@ -145,13 +151,13 @@ class Learner:
     def _kl(self, g, traj, ks, new, old_lp) -> torch.Tensor:
         kind = self.cfg.kl
         if kind == "none":
-            return torch.zeros(())
+            return torch.zeros((), device=new.log_probs.device)
         step_kl = stepwise_kl(old_lp.reshape(-1), new.log_probs.reshape(-1))
         if kind == "stepwise":
             return step_kl
         ref = self.reference if kind == "fixed" else self.anchor
         with torch.no_grad():
-            ref_means = recompute_log_probs(ref, traj, g.prompt_ids, ks, traj.sde_type, traj.eta).means
+            ref_means = recompute_log_probs(ref, traj, g.cond, ks, traj.sde_type, traj.eta).means
         pos_kl = torch.stack([gaussian_kl(new.means[:, i], ref_means[:, i], new.std[:, i]) for i in range(len(ks))]).mean()
         if kind == "dual":
             return self.cfg.w_pos * pos_kl + self.cfg.w_vel * step_kl
@@ -161,10 +167,10 @@ class Learner:
         traj, cfg = g.traj, self.cfg
         x0 = traj.videos.detach()
         b, t = x0.shape[:2]
-        ids = g.prompt_ids.expand(b, -1)
-        frames = slice(traj.prefix_chunks * self.model.cfg.chunk if traj.mode == "causal" else 0, t)
-        tt = torch.rand(b, generator=self.generator).clamp(0.02, 0.98)
-        eps = torch.randn(x0.shape, generator=self.generator)
+        ids = g.cond.expand(b, *g.cond.shape[1:])
+        frames = slice(traj.prefix_chunks * self.model.shape.chunk if traj.mode == "causal" else 0, t)
+        tt = torch.rand(b, generator=self.generator).clamp(0.02, 0.98).to(x0.device)
+        eps = torch.randn(x0.shape, generator=self.generator).to(x0.device)
         x_t = (1 - tt[:, None, None, None, None]) * x0 + tt[:, None, None, None, None] * eps
 
         def velocity(model):
@@ -182,6 +188,7 @@ class Learner:
             kl = ((v_theta - (v_ref if v_ref is not None else v_old)) ** 2).mean()
         return loss, {"loss/policy": loss.item(), "kl": kl.item()}
 
-    def weights(self) -> dict[str, np.ndarray]:
-        """The current policy weights as numpy (published to rollout workers through the object store)."""
-        return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What rollout workers load per version (`policy.trainable_state()`: an adapter with LoRA, else all
+        weights), as CPU tensors for the object store."""
+        return self.model.trainable_state()

@@ -19,6 +19,7 @@ Model tensors are float32 `[B, T, C, H, W]` in [-1, 1]; sigma is the flow-matchi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -28,12 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from policy.backend import PolicyShape, portable
 from policy.kv_cache import RollingKVCache, attended_frames
+from policy.text import WordTokenizer
 
 
 class ModelConfig(BaseModel):
@@ -41,6 +46,9 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["videodit"] = "videodit"
+    dtype: Literal["float32", "bfloat16", "float64"] = Field(
+        "float32", description="weights and activations; SDE steps and log-probs are float32 or wider regardless")
     frames: int = Field(8, ge=1, description="training clip length; also the longest bidirectional clip")
     size: int = Field(16, ge=1, description="frame height = width in pixels")
     channels: int = Field(3, ge=1)
@@ -157,6 +165,11 @@ def videos_to_model(videos: np.ndarray) -> Tensor:
     return (2.0 * x - 1.0).permute(0, 1, 4, 2, 3).contiguous()
 
 
+def to_uint8(videos: np.ndarray) -> np.ndarray:
+    """Videos in [0, 1] (any float dtype) -> uint8 0..255 (clipped, rounded; as rewards.world.to_uint8)."""
+    return np.round(np.clip(np.asarray(videos, dtype=np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def model_to_videos(x: Tensor) -> np.ndarray:
     """Model tensor [N, T, C, H, W] in [-1, 1] -> numpy float32 [N, T, H, W, C] in [0, 1] (clamped)."""
     if x.dim() != 5:
@@ -266,7 +279,7 @@ class VideoDiT(nn.Module):
 
     def _frame_sigma(self, sigma: Tensor, b: int, t: int) -> Tensor:
         """sigma [B] or [B, T] -> [B, T] float32."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.pos_embed.device)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
         if sigma.shape == (b,):
             return sigma[:, None].expand(b, t)
         if sigma.shape == (b, t):
@@ -296,14 +309,14 @@ class VideoDiT(nn.Module):
         if prompt_ids.shape[0] != sigma_bt.shape[0]:
             raise ValueError(f"prompt_ids has batch {prompt_ids.shape[0]}, the video has {sigma_bt.shape[0]}")
         text = self.prompt_embedding(prompt_ids)
-        time = self.time_mlp(timestep_embedding(sigma_bt, self.cfg.dim))
+        time = self.time_mlp(timestep_embedding(sigma_bt, self.cfg.dim).to(self.dtype))
         return text[:, None] + time
 
     def _embed(self, x: Tensor) -> Tensor:
         """[B, T, C, H, W] -> tokens [B, T*n, D] (frame-major, row-major patches)."""
         b, t, c, h, w = x.shape
         p = self.cfg.patch
-        patches = x.reshape(b, t, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 4, 6, 2).reshape(b, t, -1, p * p * c)
+        patches = x.to(self.dtype).reshape(b, t, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 4, 6, 2).reshape(b, t, -1, p * p * c)
         return (self.patch_embed(patches) + self.pos_embed).reshape(b, -1, self.cfg.dim)
 
     def _unembed(self, tok: Tensor, cond: Tensor) -> Tensor:
@@ -322,7 +335,7 @@ class VideoDiT(nn.Module):
         pos = frame_positions.repeat_interleave(cfg.tokens_per_frame)
         head_dim = cfg.dim // cfg.heads
         if not cfg.spatial_rope:
-            return rotary_cos_sin(pos, head_dim, cfg.rope_base)
+            return tuple(t.to(self.dtype) for t in rotary_cos_sin(pos, head_dim, cfg.rope_base))
         # 3D rotary (as in video DiTs): pairs split time : row : column = 2 : 1 : 1
         g = cfg.size // cfg.patch
         cell = torch.arange(cfg.tokens_per_frame, device=pos.device).repeat(len(frame_positions))
@@ -334,7 +347,7 @@ class VideoDiT(nn.Module):
             rotary_angles(cell % g, space, 100.0),
         ], dim=-1)
         ang = torch.cat([ang, ang], dim=-1)
-        return ang.cos(), ang.sin()
+        return ang.cos().to(self.dtype), ang.sin().to(self.dtype)
 
     # -- the three attention patterns --
 
@@ -354,7 +367,7 @@ class VideoDiT(nn.Module):
 
     def causal_mask(self, num_frames: int) -> Tensor:
         """Token-level boolean mask over [clean frames 0..T-chunk-1; noisy frames 0..T-1] (cached per T, device)."""
-        device = self.pos_embed.device
+        device = self.device
         if (num_frames, device) not in self._masks:
             cfg = self.cfg
             frame_mask = causal_frame_mask(num_frames, cfg.chunk, cfg.window, cfg.sink)
@@ -438,15 +451,59 @@ class VideoDiT(nn.Module):
         zeros = torch.zeros(x_clean_chunk.shape[0], device=x_clean_chunk.device)
         self._chunk_pass(x_clean_chunk, zeros, prompt_ids, cache, start_frame, write=True)
 
+    # -- the policy interface (policy.backend.Policy) --
+
+    @property
+    def shape(self) -> PolicyShape:
+        c = self.cfg
+        return PolicyShape(frames=c.frames, channels=c.channels, height=c.size, width=c.size, chunk=c.chunk,
+                           window=c.window, sink=c.sink, tokens_per_frame=c.tokens_per_frame, video_frames=c.frames,
+                           video_height=c.size, video_width=c.size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pos_embed.dtype
+
+    def encode_prompts(self, prompts) -> Tensor:
+        """Prompts -> word ids LongTensor [P, max_words] (0 = pad) on the model's device."""
+        return WordTokenizer(self.cfg.vocab, self.cfg.max_words).encode(list(prompts)).to(self.device)
+
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """Pixel space: [N, T, C, H, W] in [-1, 1] -> uint8 [N, T, H, W, C]."""
+        return to_uint8(model_to_videos(latents))
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Every weight (VideoDiT has no adapters), detached CPU copies ready for the object store."""
+        return {k: portable(v) for k, v in self.state_dict().items()}
+
+    def load_trainable_state(self, state) -> None:
+        # np.array copies: arrays from the object store are read-only
+        self.load_state_dict({k: v if isinstance(v, Tensor) else torch.from_numpy(np.array(v)) for k, v in state.items()})
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def frozen_copy(self, role: str) -> VideoDiT:
+        """A no-grad copy of the current weights (reference, moving anchor or NFT old policy)."""
+        return copy.deepcopy(self).requires_grad_(False).eval()
+
     # -- checkpoints --
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write weights to `path` (safetensors) and the config to `path` with suffix .json, atomically."""
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write weights to `path` (a .safetensors file, or a directory that gets model.safetensors) and the config
+        beside them (.json), atomically. Returns the directory."""
         path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / "model.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
         _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(self.cfg.model_dump_json(indent=2)))
+        return path.parent
 
     @classmethod
     def load(cls, path: str | os.PathLike, cfg: ModelConfig | None = None) -> VideoDiT:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from policy.model import VideoDiT
+from policy.backend import Policy
 
 
 def logit_normal_t(shape: tuple[int, ...], generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -24,28 +24,29 @@ def logit_normal_t(shape: tuple[int, ...], generator: torch.Generator, mean: flo
 
 
 def flow_matching_loss(
-    model: VideoDiT, x0: torch.Tensor, prompt_ids: torch.Tensor, causal: bool, generator: torch.Generator,
+    model: Policy, x0: torch.Tensor, cond: torch.Tensor, causal: bool, generator: torch.Generator,
     t_mean: float = 0.0, t_std: float = 1.0,
 ) -> torch.Tensor:
-    """Mean squared velocity error on one batch. x0 [B, T, C, H, W] in [-1, 1]."""
+    """Mean squared velocity error on one batch. x0 [B, T, C, H, W] (latents; pixels in [-1, 1] in pixel space)."""
     b, frames = x0.shape[:2]
-    chunk = model.cfg.chunk
+    chunk = model.shape.chunk
     if causal:  # one noise level per chunk, shared by its frames
         t = logit_normal_t((b, frames // chunk), generator, t_mean, t_std).repeat_interleave(chunk, dim=1)
     else:
         t = logit_normal_t((b, 1), generator, t_mean, t_std).expand(b, frames)
     eps = torch.randn(x0.shape, generator=generator)
+    t, eps, x0 = t.to(model.device), eps.to(model.device), x0.to(model.device)
     tt = t[:, :, None, None, None]
     xt = (1 - tt) * x0 + tt * eps
-    v = model.velocity_causal(xt, t, x0, prompt_ids) if causal else model.velocity(xt, t, prompt_ids)
+    v = model.velocity_causal(xt, t, x0, cond) if causal else model.velocity(xt, t, cond)
     target = eps - x0
-    return F.mse_loss(v, target)
+    return F.mse_loss(v.float(), target)
 
 
 def pretrain(
-    model: VideoDiT,
+    model: Policy,
     videos: torch.Tensor,
-    prompt_ids: torch.Tensor,
+    cond: torch.Tensor,
     *,
     steps: int,
     batch_size: int,
@@ -57,14 +58,14 @@ def pretrain(
     on_step: Callable[[int, float], None] | None = None,
     t_mean: float = 0.0,
     t_std: float = 1.0,
-) -> VideoDiT:
-    """Train `model` in place and return its EMA copy (the weights to sample from).
+) -> Policy:
+    """Train all of `model`'s weights in place and return its EMA copy (the weights to sample from).
 
-    videos: uint8 [N, T, C, H, W] (converted per batch to [-1, 1] to keep memory small);
-    prompt_ids: [N, L]. `on_step(step, loss)` is called after every step (progress bars).
+    videos: uint8 [N, T, C, H, W] pixel-space clips (converted per batch to [-1, 1] to keep memory small);
+    cond: [N, ...] from model.encode_prompts. `on_step(step, loss)` is called after every step (progress bars).
     """
-    if videos.shape[0] != prompt_ids.shape[0]:
-        raise ValueError(f"{videos.shape[0]} videos but {prompt_ids.shape[0]} prompts")
+    if videos.shape[0] != cond.shape[0]:
+        raise ValueError(f"{videos.shape[0]} videos but {cond.shape[0]} prompts")
     gen = torch.Generator().manual_seed(seed)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -79,7 +80,7 @@ def pretrain(
         idx = torch.randint(0, videos.shape[0], (batch_size,), generator=gen)
         x0 = videos[idx].float() / 127.5 - 1.0
         causal = bool(torch.rand((), generator=gen) < causal_fraction)
-        loss = flow_matching_loss(model, x0, prompt_ids[idx], causal, gen, t_mean, t_std)
+        loss = flow_matching_loss(model, x0, cond[idx], causal, gen, t_mean, t_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

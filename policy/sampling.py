@@ -1,4 +1,4 @@
-"""Rollouts of a VideoDiT with exact per-step log-probs, and their recomputation for the learner.
+"""Rollouts of a policy (policy.backend.Policy) with exact per-step log-probs, and their recomputation for the learner.
 
 Every step is `policy.sde.sde_step` (MATH.md §1): x' ~ N(mean, std^2), log-prob averaged over the
 non-batch elements. Two generation modes:
@@ -17,8 +17,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from policy.backend import Policy
 from policy.kv_cache import RollingKVCache
-from policy.model import VideoDiT
 from policy.sde import SDE_TYPES, sde_step, sigma_schedule
 
 
@@ -60,19 +60,24 @@ class RecomputedSteps(NamedTuple):
     std: Tensor
 
 
-def _check_common(model: VideoDiT, prompt_ids: Tensor, sde_type: str, eta: float) -> None:
+def _check_common(cond: Tensor, sde_type: str, eta: float) -> None:
     if sde_type not in SDE_TYPES:
         raise ValueError(f"unknown sde_type {sde_type!r}; choose one of {list(SDE_TYPES)}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if prompt_ids.dim() != 2:
-        raise ValueError(f"prompt_ids must be [P, L], got shape {list(prompt_ids.shape)}")
+    if cond.dim() < 2:
+        raise ValueError(f"prompt conditioning must be [P, ...] (from policy.encode_prompts), got shape {list(cond.shape)}")
+
+
+def latent_dtype(model: Policy) -> torch.dtype:
+    """Latents and SDE steps are float32, or the model's dtype when that is wider (float64 checks)."""
+    return torch.promote_types(model.dtype, torch.float32)
 
 
 @torch.no_grad()
 def sample(
-    model: VideoDiT,
-    prompt_ids: Tensor,
+    model: Policy,
+    cond: Tensor,
     *,
     steps: int,
     sde_type: str = "ode",
@@ -85,43 +90,50 @@ def sample(
     shift: float = 1.0,
     noise: Tensor | None = None,
     on_chunk: Callable[[int, RollingKVCache], None] | None = None,
+    sigmas: Tensor | None = None,
 ) -> Trajectory:
-    """Generate G = group_size clips per prompt (prompt_ids [P, L]) with `steps` sampler steps.
+    """Generate G = group_size clips per prompt (cond [P, ...] from model.encode_prompts) with `steps` sampler steps.
 
-    num_frames: clip length (default cfg.frames); causal mode may exceed it (positions keep growing,
+    num_frames: clip length in latent frames (default model.shape.frames); causal mode may exceed it (positions keep growing,
         the cache stays bounded by the window).
     noise: optional standard normal [B, K+1, T, C, H, W]: [:, 0] the initial latent, [:, k+1] the noise of
         step k (drawn with `generator` when None). Shared-prefix frames use the noise of each prompt's
         first candidate (rows p*G).
     on_chunk(j, cache): called in causal mode before chunk j is denoised (inspection, benchmarks).
+    sigmas: an explicit schedule [steps + 1] from 1 to 0 instead of `sigma_schedule(steps, shift)` (e.g. a
+        distilled model's step list).
     """
-    cfg = model.cfg
-    _check_common(model, prompt_ids, sde_type, eta)
+    shp = model.shape
+    _check_common(cond, sde_type, eta)
     if mode not in ("bidirectional", "causal"):
         raise ValueError(f"mode must be 'bidirectional' or 'causal', got {mode!r}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    t = cfg.frames if num_frames is None else num_frames
-    c = cfg.chunk if mode == "causal" else t
+    t = shp.frames if num_frames is None else num_frames
+    c = shp.chunk if mode == "causal" else t
     if t < 1 or t % c:
         raise ValueError(f"num_frames must be a positive multiple of chunk={c}, got {t}")
-    if mode == "bidirectional" and t > cfg.frames:
-        raise ValueError(f"bidirectional clips have at most cfg.frames={cfg.frames} frames, got {t}; use mode='causal'")
+    if mode == "bidirectional" and t > shp.frames:
+        raise ValueError(f"bidirectional clips have at most {shp.frames} frames, got {t}; use mode='causal'")
     n_chunks = t // c
     if not 0 <= prefix_chunks < n_chunks:
         raise ValueError(f"prefix_chunks must be in [0, {n_chunks - 1}] (n_chunks={n_chunks}), got {prefix_chunks}")
 
-    p, g = prompt_ids.shape[0], group_size
+    p, g = cond.shape[0], group_size
     b = p * g
-    sigmas = sigma_schedule(steps, shift)
-    shape = (b, steps + 1, t, cfg.channels, cfg.size, cfg.size)
-    device = model.pos_embed.device
+    if sigmas is None:
+        sigmas = sigma_schedule(steps, shift)
+    elif sigmas.shape != (steps + 1,) or float(sigmas[0]) != 1.0 or float(sigmas[-1]) != 0.0:
+        raise ValueError(f"sigmas must be [steps + 1] = [{steps + 1}] values from 1 to 0, got {sigmas.tolist()}")
+    shape = (b, steps + 1, t, shp.channels, shp.height, shp.width)
+    device, dtype = model.device, latent_dtype(model)
     if noise is None:
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must be [B, K+1, T, C, H, W] = {list(shape)}, got {list(noise.shape)}")
-    ids = prompt_ids.repeat_interleave(g, dim=0)
-    latents = torch.empty(shape, device=device)
+    noise = noise.to(device=device, dtype=dtype)
+    ids = cond.repeat_interleave(g, dim=0)
+    latents = torch.empty(shape, device=device, dtype=dtype)
     log_probs = torch.zeros(b, n_chunks, steps, device=device)
 
     cache = model.new_cache()
@@ -166,9 +178,9 @@ def sample(
 
 
 def recompute_log_probs(
-    model: VideoDiT,
+    model: Policy,
     traj: Trajectory,
-    prompt_ids: Tensor,
+    cond: Tensor,
     chunk_steps: Sequence[int],
     sde_type: str,
     eta: float,
@@ -177,27 +189,27 @@ def recompute_log_probs(
     """Log-probs (with grad, current weights) of the recorded transitions latents[:, k] -> latents[:, k+1].
 
     chunk_steps: step indices k in [0, K) to evaluate, the same for every trained chunk (chunks after the prefix).
-    prompt_ids: [P, L] (repeated G times) or [B, L].
+    cond: [P, ...] (repeated G times) or [B, ...], from model.encode_prompts.
     Bidirectional: `velocity` on latents[:, k]. Causal: one `velocity_causal` pass per step with latents[:, k]
     as the noisy frames and the recorded clean video as history (detached from the graph; with
     detach_history no gradient flows through the history's keys/values either).
     """
-    _check_common(model, prompt_ids, sde_type, eta)
+    _check_common(cond, sde_type, eta)
     b, k_plus_1, t = traj.latents.shape[:3]
     n_steps = k_plus_1 - 1
     ks = [int(k) for k in chunk_steps]
     if not ks or any(not 0 <= k < n_steps for k in ks):
         raise ValueError(f"chunk_steps must be a non-empty list of steps in [0, {n_steps}), got {list(chunk_steps)}")
-    if prompt_ids.shape[0] * traj.group_size == b and traj.group_size > 1:
-        prompt_ids = prompt_ids.repeat_interleave(traj.group_size, dim=0)
-    if prompt_ids.shape[0] != b:
-        raise ValueError(f"prompt_ids must have P={b // traj.group_size} or B={b} rows, got {prompt_ids.shape[0]}")
+    if cond.shape[0] * traj.group_size == b and traj.group_size > 1:
+        cond = cond.repeat_interleave(traj.group_size, dim=0)
+    if cond.shape[0] != b:
+        raise ValueError(f"cond must have P={b // traj.group_size} or B={b} rows, got {cond.shape[0]}")
     n_chunks = traj.log_probs.shape[1]
     c = t // n_chunks
     s_count = len(ks)
     sig = traj.sigmas[ks].to(traj.latents.device)  # [S]
     x = traj.latents[:, ks].detach().flatten(0, 1)  # [B*S, T, C, H, W], sample-major
-    ids = prompt_ids.repeat_interleave(s_count, dim=0)
+    ids = cond.repeat_interleave(s_count, dim=0)
     sig_bs = sig.repeat(b)
     if traj.mode == "causal":
         clean = traj.videos.detach().repeat_interleave(s_count, dim=0)

@@ -8,7 +8,7 @@ over the non-batch elements (the scale every public Flow-GRPO style code uses).
 
 Shapes: x, v are `[B, ...]` (e.g. `[B, T, C, H, W]`); sigma, sigma_next are python floats or
 tensors of shape `[B]` (a per-sample sigma, used by the autoregressive generator). Every
-result is float32, whatever the input dtype (bf16 models included).
+result is float32 whatever the input dtype (bf16 models included), or float64 for float64 inputs.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def _check_sde_type(sde_type: str) -> None:
 
 
 def _sigma_like(sigma, x: Tensor, name: str) -> Tensor:
-    """Python float, 0-d tensor or `[B]` tensor -> float32 tensor broadcastable to x: `[B, 1, ...]` or `[]`."""
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    """Python float, 0-d tensor or `[B]` tensor -> a tensor of x's dtype broadcastable to x: `[B, 1, ...]` or `[]`."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if s.dim() == 0:
         return s
     if s.shape != (x.shape[0],):
@@ -148,7 +148,7 @@ def sde_step(
     sample: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> SDEStep:
-    """One sampler step from sigma to sigma_next (MATH.md §1), computed in float32.
+    """One sampler step from sigma to sigma_next (MATH.md §1), computed in float32 (float64 for float64 inputs).
 
     x, v: `[B, ...]` latent and predicted velocity, any float dtype.
     sigma, sigma_next: floats or `[B]` tensors in [0, 1] with sigma_next <= sigma.
@@ -165,7 +165,8 @@ def sde_step(
         raise ValueError(f"v must have x's shape: expected {list(x.shape)}, got {list(v.shape)}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    x32, v32 = x.float(), v.float()
+    wide = torch.promote_types(torch.promote_types(x.dtype, v.dtype), torch.float32)
+    x32, v32 = x.to(wide), v.to(wide)
     s = _sigma_like(sigma, x32, "sigma")
     s_next = _sigma_like(sigma_next, x32, "sigma_next")
     if bool(((s < 0) | (s > 1) | (s_next < 0) | (s_next > 1)).any()):
@@ -175,19 +176,19 @@ def sde_step(
 
     mean, std = _STEP_FNS[sde_type](x32, v32, s, s_next, eta)
     batch = x.shape[0]
-    std_b = _per_sample(std.float(), batch)  # [B]
+    std_b = _per_sample(torch.as_tensor(std, dtype=wide, device=x.device), batch)  # [B]
     std_full = std.expand_as(mean) if std.dim() else std
 
     if sample is None:
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+            noise = torch.randn(x.shape, generator=generator, dtype=wide, device=x.device)
         elif noise.shape != x.shape:
             raise ValueError(f"noise must have x's shape: expected {list(x.shape)}, got {list(noise.shape)}")
-        sample = mean + std_full * noise.float()
+        sample = mean + std_full * noise.to(wide)
     else:
         if sample.shape != x.shape:
             raise ValueError(f"sample must have x's shape: expected {list(x.shape)}, got {list(sample.shape)}")
-        sample = sample.float()
+        sample = sample.to(wide)
 
     # Gaussian log-density per element, averaged over non-batch elements; deterministic steps -> 0.
     stochastic = std_b > 0

@@ -100,10 +100,10 @@ def test_resume_with_a_different_model_shape_and_a_nan_reward_model(tmp_path, ra
     # calibrate with the oracle instead, then train with the poisoned model as the only reward
     cal_args = [a for a in args if not a.startswith("rewards.models")] + ["rewards.models={rm: {kind: oracle}}"]
     from orchestrator.inputs import calibration_path, ensure_calibration
-    from orchestrator.pretraining import ensure_base_model
+    from orchestrator.pretraining import base_policy
 
     cal_cfg = load_config(None, cal_args)
-    base = ensure_base_model(cal_cfg, progress=False)
+    base = base_policy(cal_cfg, progress=False)
     cal = ensure_calibration(cal_cfg, base, {"rm": None})
     cfg = load_config(None, args)
     calibration_path(cfg, base, {"rm": str(tmp_path / "poisoned")}).write_bytes(cal.read_bytes())  # same τ for the run

@@ -49,7 +49,8 @@ def test_build_preference_dataset_end_to_end(tmp_path):
     cfg = PreferenceDataConfig(samples_per_prompt=1, samplers=SAMPLERS, degraded_per_prompt=2, pairs_per_prompt=5,
                                label_noise=0.2)
     out = tmp_path / "prefs"
-    info = build_preference_dataset(cfg, tmp_path / "base" / "model.safetensors", out, steps=2, progress=False)
+    base = VideoDiT.load(tmp_path / "base" / "model.safetensors")
+    info = build_preference_dataset(cfg, base, out, steps=2, progress=False)
     per_prompt = 2 * 1 + 1 + 2
     assert info["videos"] == 168 * per_prompt
     assert info["sources"] == {"base": 336, "truth": 168, "degraded": 336}
@@ -68,8 +69,3 @@ def test_build_preference_dataset_end_to_end(tmp_path):
     np.testing.assert_array_equal(held.labels, held.oracle_labels)
     assert {s for pair in zip(held.source_a, held.source_b) for s in pair} == {"base", "truth", "degraded"}
 
-
-def test_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
-        build_preference_dataset(PreferenceDataConfig(), tmp_path / "nothing.safetensors", tmp_path / "out",
-                                 progress=False)

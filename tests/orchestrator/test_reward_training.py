@@ -129,12 +129,15 @@ def test_engagement_predictor_save_load_roundtrip(tmp_path):
 # ---------------------------------------------------------------- end to end on a tiny untrained base model
 
 def _tiny_base(path):
+    from orchestrator.hashing import tree_sha256
+    from orchestrator.pretraining import Base
+
     torch.manual_seed(0)
     model = VideoDiT(ModelConfig(vocab=world.VOCAB, dim=16, depth=1, heads=2))
     with torch.no_grad():  # adaLN-Zero starts at v = 0; give the output layer weights so samples depend on the model
         model.out.weight.normal_(0, 0.5)
     model.save(path)
-    return path
+    return Base(model.cfg, path.parent, tree_sha256(path.parent))
 
 
 @pytest.mark.slow

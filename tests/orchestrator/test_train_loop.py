@@ -10,7 +10,7 @@ from orchestrator.config import load_config
 from orchestrator.inputs import held_out_reward_means
 from orchestrator.metrics import read_metrics
 from orchestrator.train import run_training
-from policy.model import VideoDiT
+from policy.backend import load_policy
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_constraints_are_checked_on_held_out_rollouts_of_the_trained_policy(tiny
     """"final" is the calibration's measurement repeated on the saved final policy, compared with τ."""
     cfg, run_dir, summary = tiny_run
     vq = summary["constraints"]["vq"]
-    again, skipped = held_out_reward_means(cfg, {"oracle": None}, VideoDiT.load(run_dir / "final" / "model.safetensors"))
+    again, skipped = held_out_reward_means(cfg, {"oracle": None}, load_policy(cfg.model, run_dir / "final"))
     assert vq["final"] == pytest.approx(again["vq"], abs=1e-9) and skipped == [] and vq["skipped_samples"] == 0
     assert vq["satisfied"] == (vq["final"] >= vq["tau"])
     assert np.isfinite(vq["training_batches"])
@@ -67,6 +67,8 @@ def test_ledger_balances_and_metrics_have_one_row_per_step(tiny_run):
     assert np.all(m["staleness/max"] <= cfg.train.max_staleness)
     for key in ("reward/ta", "reward/vq", "lambda/vq", "tau/vq", "loss/policy", "throughput/samples_per_s"):
         assert np.isfinite(m[key]).all(), key
+    n_weights = sum(p.numel() for p in load_policy(cfg.model, run_dir / "final").trainable_parameters())
+    assert (m["weights/bytes_per_version"] == 4 * n_weights).all()  # full float32 weights each version
     rows = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
     assert len(rows) == cfg.train.steps * cfg.train.groups_per_step * cfg.rollout.group_size
     assert {r["group_id"] for r in rows}.__len__() == ledger["consumed"]
