@@ -9,9 +9,12 @@ from policy.rollout import RolloutWorker
 
 
 class RolloutActor(RolloutWorker):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, prompt_table=None, **kwargs):
+        """prompt_table: [ObjectRef] of the text-encoder states (nested, so Ray passes the reference: the driver keeps
+        it alive for restarts, and the actor fetches it itself)."""
         torch.set_num_threads(1)  # several actors share the node's cores
-        super().__init__(*args, **kwargs)
+        table = ray.get(prompt_table[0]) if prompt_table else None
+        super().__init__(*args, prompt_table=table, **kwargs)
 
     def ping(self) -> int:
         return self.version

@@ -22,8 +22,11 @@ from orchestrator.config import ConfigError, load_config
 def _config(args):
     import torch
 
+    from policy.backend import check_policy_config
+
     cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(cfg.threads)
+    check_policy_config(cfg.model)  # model files, frames, LoRA targets, dtype: one line now, not a traceback later
     return cfg
 
 
@@ -41,10 +44,9 @@ def cmd_eval(args) -> None:
     from orchestrator.evaluation import DIMENSIONS, evaluate
     from orchestrator.media import save_gif
     from orchestrator.tables import format_table, write_json
-    from policy.backend import check_policy_config, load_policy
+    from policy.backend import load_policy
 
     cfg = _config(args)
-    check_policy_config(cfg.model)
     checkpoint = _checkpoint_arg(cfg, args.checkpoint)
     model = load_policy(cfg.model, checkpoint)
     samplers = args.sampler or [cfg.eval.sampler]
@@ -134,6 +136,18 @@ def cmd_calibrate(args) -> None:
             for name, prof in cal["profiles"].items() for c, v in prof["constraints"].items()]
     print(format_table(rows, ["profile", "constraint", "k", "mu", "sigma", "tau"]))
     print(f"wrote {path}")
+
+
+def cmd_model_init(args) -> None:
+    from policy.wan.init import write_random_model
+
+    info = write_random_model(args.out, preset=args.preset, seed=args.seed, kind=args.kind)
+    size = sum(info["files"].values())
+    params = ", ".join(f"{k} {v:,}" for k, v in info["params"].items())
+    print(f"wrote a random {args.kind} model (preset {args.preset}, seed {args.seed}) to {args.out}: {size / 1e6:.1f} MB; "
+          f"parameters: {params}; {'latent (VAE)' if info['latent'] else 'pixel space (no VAE)'}")
+    print(f"use it with: model.kind={args.kind} model.path={args.out}"
+          + ("  (e.g. videorl train --config configs/wan_shapes.yaml model.path=...)" if args.preset == "shapes" else ""))
 
 
 def cmd_scale(args) -> None:
@@ -319,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default rewards.calibration.seed)")
     p.add_argument("--out", help="JSON path (default: the cached calibration of the config)")
 
+    model = sub.add_parser("model", help="real-model utilities: write a random Wan model to try the real path offline")
+    msub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = msub.add_parser("init", help="write a small random Wan model in diffusers format (nothing downloaded)",
+                        description="write a small random Wan model in diffusers format (transformer, VAE for latent "
+                                    "presets, text encoder, an offline tokenizer, scheduler config)")
+    p.add_argument("--kind", choices=["wan", "wan_causal"], default="wan_causal")
+    p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
+    p.add_argument("--preset", choices=["shapes", "tiny", "wan2.1-1.3b"], default="shapes",
+                   help="shapes: pixel space for the shapes world (default); tiny: latent with a tiny VAE; "
+                        "wan2.1-1.3b: the real 1.3B transformer shape (3.4 GB, for GPUs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_model_init)
+
     p = sub.add_parser("scale", help="change a running job's reward replicas", description="change a running job's reward replicas")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
     p.add_argument("--reward", action="append", required=True, metavar="NAME=N", help="reward model and replica count")
@@ -370,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         if os.environ.get("VIDEORL_DEBUG"):
             raise
         print(f"videorl: error: {e}", file=sys.stderr)

@@ -39,6 +39,7 @@ class RunActors:
     learner: object
     controller: object
     control: object  # the named control actor `videorl scale` talks to
+    prompt_table: list | None = None  # [ObjectRef] held for the run: restarted rollout actors read it again
 
     def shutdown(self) -> None:
         for pool in self.pools.values():
@@ -69,8 +70,9 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
     base: `orchestrator.pretraining.Base`; its prompt table goes to the store once and every rollout actor reads it."""
     base_path = None if base.path is None else str(base.path)
     r = cfg.rollout
+    table = None if base.prompt_table is None else [ray.put(base.prompt_table)]  # one copy in the store for all actors
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
-                          dtype=r.dtype, prompt_table=None if base.prompt_table is None else ray.put(base.prompt_table))
+                          dtype=r.dtype, prompt_table=table)
     rollouts = [rollout_actor(i, cfg.model, base_path, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
                               num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
     pools, names = {}, {}
@@ -83,4 +85,4 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
     learner = learner_actor(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
                             num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
     controller = controller_actor(cfg.constraints.model_dump(), taus)
-    return RunActors(rollouts, pools, names, learner, controller, control_actor(list(pools)))
+    return RunActors(rollouts, pools, names, learner, controller, control_actor(list(pools)), table)

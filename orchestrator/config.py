@@ -160,6 +160,10 @@ class Config(Section):
         if self.pretrain is None and self.model.kind == "videodit":
             raise ValueError("pretrain: null needs a model with weights of its own (model.kind wan/wan_causal with "
                              "model.path); a videodit base is pretrained")
+        if self.model.kind != "videodit" and self.model.path is None:
+            if self.model.init is None:
+                raise ValueError("model.path is required for Wan models (or model.init, to start from a random model)")
+            self.model.path = str(cache_dir(self) / f"wan-init-{self.model.init.preset}-{self.model.init.seed}")
         if self.model.kind == "wan" and self.rollout.mode != "bidirectional":
             raise ValueError("model.kind=wan attends over the whole clip: set rollout.mode=bidirectional "
                              "(or model.kind=wan_causal for chunk-causal streaming)")

@@ -134,7 +134,7 @@ def sample(
     noise = noise.to(device=device, dtype=dtype)
     ids = cond.repeat_interleave(g, dim=0)
     latents = torch.empty(shape, device=device, dtype=dtype)
-    log_probs = torch.zeros(b, n_chunks, steps, device=device)
+    log_probs = torch.zeros(b, n_chunks, steps, device=device, dtype=dtype)
 
     cache = model.new_cache()
     rows = slice(0, b, g) if prefix_chunks else slice(None)  # prefix: one row per prompt

@@ -24,11 +24,23 @@ class LoraConfig(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
+class RandomInit(BaseModel):
+    """A random model `videorl model init` would write (policy.wan.init presets), made on first use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["shapes", "tiny", "wan2.1-1.3b"] = "shapes"
+    seed: int = 0
+
+
 class WanConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["wan", "wan_causal"]
-    path: str = Field(description="diffusers-format directory: transformer/ (+ vae/, text_encoder/, tokenizer/)")
+    path: str | None = Field(None, description="diffusers-format directory: transformer/ (+ vae/, text_encoder/, "
+                                               "tokenizer/); required unless `init` says how to make it")
+    init: RandomInit | None = Field(None, description="when model.path does not exist (or is not given: a folder in "
+                                                      "the cache), write this random model there first")
     checkpoint: str | None = Field(None, description="a Self-Forcing / CausVid generator .pt whose weights replace "
                                                      "the transformer's (generator_ema, strict key check)")
     use_ema: bool = Field(True, description="with `checkpoint`: load generator_ema (True) or generator")

@@ -30,11 +30,14 @@ from policy.wan.text import pad_states
 
 @dataclass
 class SelfForcingRun:
-    """velocities [chunk, step, batch, frame, C, H, W]; clean_latents [B, T, C, H, W]; after the last chunk's
-    context run, the cache's frames, keys and values per layer `[B, heads, tokens, head_dim]` (keys after rotary)."""
+    """velocities [chunk, step, batch, frame, C, H, W]; clean_latents [B, T, C, H, W]; latents [B, K+1, T, C, H, W] (every
+    level of the rollout); cond [B, text_len, text_dim]; after the last chunk's context run, the cache's frames, keys
+    and values per layer `[B, heads, tokens, head_dim]` (keys after rotary)."""
 
     velocities: Tensor
     clean_latents: Tensor
+    latents: Tensor
+    cond: Tensor
     cache_frames: list[int]
     cache_keys: list[Tensor]
     cache_values: list[Tensor]
@@ -50,36 +53,41 @@ def fixture_files(path: str | Path) -> tuple[Path, dict]:
     return tensors, json.loads(meta.read_text())
 
 
-def self_forcing_rollout(fixture_path: str | Path) -> SelfForcingRun:
+def fixture_policy(fixture_path: str | Path) -> WanPolicy:
+    """The fixture's generator as a float64 wan_causal policy: its checkpoint through `read_self_forcing`, strict, into
+    the stock WanTransformer3DModel of the fixture's config, with the window and sink of its cache."""
     from diffusers import WanTransformer3DModel
 
     tensors_path, meta = fixture_files(fixture_path)
     c = meta["config"]
-    inputs = {k: v for k, v in load_file(str(tensors_path)).items() if not k.startswith("generator")}
     kwargs = dict(c["diffusers_WanTransformer3DModel_kwargs"])
     kwargs["patch_size"] = tuple(kwargs["patch_size"])
     with torch.device("meta"):
         transformer = install_swaps(WanTransformer3DModel(**kwargs))
     load_strict(transformer, read_self_forcing(tensors_path, use_ema=True), str(tensors_path))
     cast_like_diffusers(transformer, torch.float64)
-
-    chunk, n_chunks = c["num_frame_per_block"], c["num_chunks"]
     frames, h, w = c["latent_frames"], c["latent_height"], c["latent_width"]
     ph, pw = kwargs["patch_size"][1:]
-    channels = kwargs["in_channels"]
-    shape = PolicyShape(frames=frames, channels=channels, height=h, width=w, chunk=chunk, window=c["local_attn_size"],
-                        sink=c["sink_size"], tokens_per_frame=(h // ph) * (w // pw), video_frames=frames,
-                        video_height=h, video_width=w)
+    shape = PolicyShape(frames=frames, channels=kwargs["in_channels"], height=h, width=w, chunk=c["num_frame_per_block"],
+                        window=c["local_attn_size"], sink=c["sink_size"], tokens_per_frame=(h // ph) * (w // pw),
+                        video_frames=frames, video_height=h, video_width=w)
     cfg = WanConfig(kind="wan_causal", path=str(tensors_path.parent), dtype="float64", frames=frames, height=h,
-                    width=w, chunk=chunk, window=shape.window, sink=shape.sink, text_len=c["text_len"])
-    policy = WanPolicy(transformer, cfg, shape, latents=None, prompts=None).eval()
+                    width=w, chunk=shape.chunk, window=shape.window, sink=shape.sink, text_len=c["text_len"])
+    return WanPolicy(transformer, cfg, shape, latents=None, prompts=None).eval()
 
+
+def replay(policy, fixture_path: str | Path) -> SelfForcingRun:
+    """Sample the fixture's rollout with `policy` (any wan_causal policy of the fixture's shapes): its text states,
+    its initial and fresh noise, its schedule; record every velocity the sampler asks for."""
+    tensors_path, meta = fixture_files(fixture_path)
+    c = meta["config"]
+    inputs = {k: v for k, v in load_file(str(tensors_path)).items() if not k.startswith("generator")}
+    chunk, n_chunks, frames = c["num_frame_per_block"], c["num_chunks"], c["latent_frames"]
     text = inputs["inputs.text_embedding"]  # [B, L, text_dim] before padding
-    cond = torch.stack([pad_states([t], c["text_len"])[0] for t in text])
+    cond = torch.stack([pad_states([t], c["text_len"])[0] for t in text]).to(policy.dtype)
     initial, fresh = inputs["inputs.initial_noise"], inputs["inputs.fresh_noise"]  # [j, B, c, ...], [j, k, B, c, ...]
-    steps = fresh.shape[1] + 1
-    b = text.shape[0]
-    noise = torch.zeros(b, steps + 1, frames, channels, h, w, dtype=torch.float64)
+    steps, b = fresh.shape[1] + 1, text.shape[0]
+    noise = torch.zeros(b, steps + 1, frames, *initial.shape[3:], dtype=torch.float64)
     for j in range(n_chunks):
         fr = slice(j * chunk, (j + 1) * chunk)
         noise[:, 0, fr] = initial[j]
@@ -95,19 +103,25 @@ def self_forcing_rollout(fixture_path: str | Path) -> SelfForcingRun:
         return v
 
     policy.velocity_chunk = recorded  # this object's own method, wrapped to record what the sampler asked for
-    with torch.no_grad():
-        traj = sample(policy, cond, steps=steps, sde_type="cps", eta=1.0, mode="causal", num_frames=frames,
-                      noise=noise, sigmas=sigmas, on_chunk=lambda j, cache: caches.append(cache))
-        cache = caches[-1]  # the context run of the last chunk, as upstream does after its last step
-        last = slice((n_chunks - 1) * chunk, frames)
-        policy.append_to_cache(traj.videos[:, last], cond, cache, (n_chunks - 1) * chunk)
-    v = torch.stack(velocities).view(n_chunks, steps, b, chunk, channels, h, w)
+    try:
+        with torch.no_grad():
+            traj = sample(policy, cond, steps=steps, sde_type="cps", eta=1.0, mode="causal", num_frames=frames,
+                          noise=noise, sigmas=sigmas, on_chunk=lambda j, cache: caches.append(cache))
+            cache = caches[-1]  # the context run of the last chunk, as upstream does after its last step
+            policy.append_to_cache(traj.videos[:, (n_chunks - 1) * chunk:], cond, cache, (n_chunks - 1) * chunk)
+    finally:
+        del policy.velocity_chunk
+    v = torch.stack(velocities).view(n_chunks, steps, b, chunk, *initial.shape[3:])
     layers = range(cache.num_layers)
-    return SelfForcingRun(v, traj.videos, list(cache.frame_positions),
+    return SelfForcingRun(v, traj.videos, traj.latents, cond, list(cache.frame_positions),
                           [cache.keys[i].flatten(0, 1) for i in layers], [cache.values[i].flatten(0, 1) for i in layers])
+
+
+def self_forcing_rollout(fixture_path: str | Path) -> SelfForcingRun:
+    return replay(fixture_policy(fixture_path), fixture_path)
 
 
 def self_forcing_velocities(fixture_path: str) -> Tensor:
     """videorl's wan_causal velocities for a Self-Forcing fixture: float64 [chunk, step, batch, frame, C, H, W], the
-    shape of its `expected.velocities` (see `self_forcing_rollout`)."""
+    shape of its `expected.velocities` (see `fixture_policy` and `replay`)."""
     return self_forcing_rollout(fixture_path).velocities

@@ -144,7 +144,8 @@ def _cast(model, dtype: torch.dtype):
     return model
 
 
-def write_random_model(out_dir: str | Path, preset: str = "shapes", seed: int = 0, vocab: list[str] | None = None) -> dict:
+def write_random_model(out_dir: str | Path, preset: str = "shapes", seed: int = 0, vocab: list[str] | None = None,
+                       kind: str = "wan_causal") -> dict:
     """Write a random Wan model directory (layout in the module docstring) and return its description.
 
     out_dir must not exist or be an empty directory (else FileExistsError). The directory is built in a temporary
@@ -158,6 +159,8 @@ def write_random_model(out_dir: str | Path, preset: str = "shapes", seed: int = 
       bf16 transformer keeps its rope/time_embedder/scale_shift_table/norm weights in float32, as diffusers does},
       files {path relative to out_dir: size in bytes} (every file except videorl_model.json itself).
     """
+    if kind not in ("wan", "wan_causal"):
+        raise ValueError(f"unknown kind {kind!r}; choose wan or wan_causal (the directory layout is the same)")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
@@ -178,8 +181,12 @@ def write_random_model(out_dir: str | Path, preset: str = "shapes", seed: int = 
     try:
         # WanPipeline.save_pretrained writes each component's save_pretrained into its subfolder plus
         # model_index.json; with vae=None it skips vae/ and records "vae": [null, null] (logs "cannot be saved").
-        WanPipeline(**parts).save_pretrained(tmp)
+        from policy.wan.loading import quiet
+
+        with quiet():
+            WanPipeline(**parts).save_pretrained(tmp)
         info = {
+            "kind": kind,
             "preset": preset,
             "seed": seed,
             "latent": parts["vae"] is not None,

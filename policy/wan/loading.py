@@ -7,6 +7,7 @@ naming the first few, never a silently half-loaded model. Weights are read with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,22 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 SF_KEYS = ("generator_ema", "generator")  # what Self-Forcing's self_forcing_dmd.pt holds (inference.py loads _ema)
+
+
+@contextlib.contextmanager
+def quiet():
+    """diffusers / transformers without their info logs and progress bars (a loader's bars mean nothing in a log)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error(), tlog.set_verbosity_error()
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0]), tlog.set_verbosity(levels[1])
+        dlog.enable_progress_bar(), tlog.enable_progress_bar()
 
 
 def transformer_dir(model_dir: str | Path) -> Path:

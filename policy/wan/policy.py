@@ -12,6 +12,9 @@ instance-level swaps on the loaded model (REAL_MODELS.md §2.5).
    `dispatch_attention_fn` (backend selectable).
 3. `condition_embedder.timesteps_proj = Float64Timesteps(...)`: diffusers' float32 sinusoid of t ~ 1000 moves the
    velocities by ~1e-5; Self-Forcing computes it in float64.
+A float64 policy (exactness checks) also runs the blocks under `KeepFloat64`, a scoped torch function mode in which
+`Tensor.float()` leaves float64 tensors as they are: diffusers' blocks upcast with `.float()` (right for bf16), which
+would otherwise put float32 steps inside a float64 run.
 
 Timesteps are 1000 * sigma computed in float32, as the Wan / Self-Forcing schedulers do (sigma = 5/6 gives
 833.3333129882812, not 833.33...). Tensors follow videorl's `[B, T, C, H, W]`; the transformer's `[B, C, T, H, W]`
@@ -25,6 +28,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from policy.backend import PolicyShape, check_dtype, portable
 from policy.kv_cache import RollingKVCache
@@ -141,6 +146,15 @@ class CachedSelfAttention:
         out = dispatch_attention_fn(q, k, v, attn_mask=call.mask, backend=self.backend)
         out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+class KeepFloat64(TorchFunctionMode):
+    """Inside: `t.float()` of a float64 tensor returns it unchanged (see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is Tensor.float and args[0].dtype == torch.float64:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def install_swaps(transformer, attention_backend: str | None = None):
@@ -268,7 +282,7 @@ class WanPolicy(nn.Module):
             raise ValueError(f"cond has batch {cond.shape[0]}, the video has {x.shape[0]}")
         self.rope.pending = call
         try:
-            with self._active_adapter():
+            with self._active_adapter(), (KeepFloat64() if self.dtype == torch.float64 else contextlib.nullcontext()):
                 out = self.transformer(x.to(self.dtype).permute(0, 2, 1, 3, 4), timestep, cond.to(self.dtype),
                                        return_dict=False)[0]
         finally:
@@ -391,7 +405,9 @@ class WanPolicy(nn.Module):
         view = copy.copy(self)  # shares the transformer, prompts and VAE; nn.Module state dicts are shared too
         view.adapter = role
         if role != "reference" and role not in self.transformer.peft_config:
-            self.transformer.add_adapter(lora_config(self.cfg.lora), adapter_name=role)
+            with warnings.catch_warnings():  # peft warns that a model with an adapter gets a second one: intended
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.transformer.add_adapter(lora_config(self.cfg.lora), adapter_name=role)
             self.transformer.set_adapter("default")  # add_adapter leaves the new adapter active and trainable
             view.load_trainable_state(self.trainable_state())
             for _, p in view._adapter_params():
@@ -537,7 +553,12 @@ def _check_lora_targets(transformer, cfg: WanConfig) -> None:
 
 
 def check_wan_config(cfg: WanConfig) -> None:
-    """The cheap checks of load_wan_policy (files, shapes, LoRA targets, attention backend) on the meta device."""
+    """The cheap checks of load_wan_policy (files, shapes, LoRA targets, attention backend) on the meta device.
+    A missing model.path with model.init set is written first (policy.wan.init)."""
+    if cfg.init is not None and not Path(cfg.path).exists():
+        from policy.wan.init import write_random_model
+
+        write_random_model(cfg.path, preset=cfg.init.preset, seed=cfg.init.seed, kind=cfg.kind)
     transformer_config(cfg.path)
     for sub in ("tokenizer", "text_encoder"):
         if not (Path(cfg.path) / sub).is_dir():

@@ -36,10 +36,13 @@ class PromptEncoder:
         for sub in ("tokenizer", "text_encoder"):
             if not (root / sub).is_dir():
                 raise ValueError(f"model directory {root} has no {sub}/: Wan prompts need the tokenizer and text encoder")
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        # the encoder's dtype follows the transformer's (bf16 UMT5-XXL is what Wan pipelines run); float32 otherwise
-        encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder",
-                                                   dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        from policy.wan.loading import quiet
+
+        with quiet():
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+            # the encoder's dtype follows the transformer's (bf16 UMT5-XXL is what Wan pipelines run); float32 else
+            encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder",
+                                                       dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         return cls(tokenizer, encoder.to(device), text_len)
 
     @torch.no_grad()
@@ -66,7 +69,7 @@ def pad_states(states: Sequence[Tensor | np.ndarray], text_len: int) -> Tensor:
     """[L_i, D] per prompt -> `[P, text_len, D]`, zero rows after each prompt's real length (WanPipeline's padding)."""
     rows = []
     for s in states:
-        s = torch.as_tensor(s)[:text_len]
+        s = (s if isinstance(s, Tensor) else torch.from_numpy(np.array(s)))[:text_len]  # a copy: store arrays are read-only
         rows.append(torch.cat([s, s.new_zeros(text_len - s.shape[0], s.shape[1])]))
     return torch.stack(rows)
 

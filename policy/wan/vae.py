@@ -60,7 +60,10 @@ class WanVAE:
     def from_model_dir(cls, path: str | Path, device: str | torch.device = "cpu") -> WanVAE:
         from diffusers import AutoencoderKLWan
 
-        return cls(AutoencoderKLWan.from_pretrained(Path(path) / "vae", torch_dtype=torch.float32).to(device))
+        from policy.wan.loading import quiet
+
+        with quiet():
+            return cls(AutoencoderKLWan.from_pretrained(Path(path) / "vae", torch_dtype=torch.float32).to(device))
 
     @property
     def device(self) -> torch.device:
