@@ -138,6 +138,38 @@ def cmd_calibrate(args) -> None:
     print(f"wrote {path}")
 
 
+def cmd_doctor(args) -> None:
+    from orchestrator.config import base_checkpoint_dir
+    from orchestrator.pretraining import DONE
+    from orchestrator.tables import format_table, write_json
+    from policy.doctor import run_checks
+
+    cfg = _config(args)
+    weights = Path(args.checkpoint) if args.checkpoint else None
+    if weights is None and cfg.pretrain is not None and (base_checkpoint_dir(cfg) / DONE).is_file():
+        weights = base_checkpoint_dir(cfg)  # the cached base when there is one
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"checkpoint not found: {weights}")
+    # an untrained VideoDiT predicts v = 0 (adaLN-Zero): perturbed so every path is exercised
+    trained = weights is not None or cfg.model.kind != "videodit"
+    r = cfg.rollout
+    checks = run_checks(cfg.model, weights, mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift,
+                        group_size=r.group_size, clip_range=cfg.learner.clip_range, rollout_dtype=r.dtype,
+                        trained=trained, seed=args.seed)
+    rows = [c.row() for c in checks]
+    print(f"videorl doctor: {cfg.model.kind} ({weights or getattr(cfg.model, 'path', None) or 'untrained, perturbed'}), "
+          f"{r.mode} {r.sampler} eta {r.eta}, {r.steps} steps, dtype {cfg.model.dtype} / rollout {r.dtype or cfg.model.dtype}")
+    print(format_table([{**row, "value": f"{row['value']:.3g}", "tolerance": f"{row['tolerance']:.3g}",
+                         "passed": "ok" if row["passed"] else "FAIL"} for row in rows],
+                       ["check", "value", "tolerance", "passed", "note"]))
+    path = write_json({"config": str(args.config or "configs/tiny.yaml"), "weights": str(weights), "checks": rows},
+                      Path(args.out) / "doctor.json")
+    failed = [c.name for c in checks if not c.passed]
+    print(f"wrote {path}; " + (f"{len(failed)} check(s) FAILED: {', '.join(failed)}" if failed else "every check passed"))
+    if failed:
+        raise SystemExit(1)
+
+
 def cmd_model_init(args) -> None:
     from policy.wan.init import write_random_model
 
@@ -332,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("calibrate", cmd_calibrate, "SCRL thresholds: score base-model samples, write tau = mu + k sigma per profile")
     p.add_argument("--seed", type=int, help="sampling seed (default rewards.calibration.seed)")
     p.add_argument("--out", help="JSON path (default: the cached calibration of the config)")
+
+    p = add("doctor", cmd_doctor, "consistency checks of the configured policy and sampler: importance ratio, "
+                                  "cache vs teacher forcing, shared prefix, adapter sync, VAE; exit 1 if one fails")
+    p.add_argument("--checkpoint", help="weights to check (default: the config's cached base, else its starting point)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/doctor")
 
     model = sub.add_parser("model", help="real-model utilities: write a random Wan model to try the real path offline")
     msub = model.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -295,7 +295,7 @@ class VideoDiT(nn.Module):
         if prompt_ids.numel() and (prompt_ids.min() < 0 or prompt_ids.max() > len(self.cfg.vocab)):
             raise ValueError(f"prompt_ids must lie in [0, {len(self.cfg.vocab)}]")
         present = (prompt_ids != 0).float().unsqueeze(-1)
-        pooled = (self.word_embed(prompt_ids.long()) * present).sum(1) / present.sum(1).clamp_min(1.0)
+        pooled = ((self.word_embed(prompt_ids.long()) * present).sum(1) / present.sum(1).clamp_min(1.0)).to(self.dtype)
         return self.text_mlp(pooled)
 
     def _words(self, prompt_ids: Tensor) -> tuple[Tensor, Tensor] | None:
