@@ -61,6 +61,7 @@ def calibrate_base_model(
     out_path: str | os.PathLike,
     source: str = "<in-memory policy>",
     batch_size: int = 64,
+    shift: float = 1.0,
 ) -> dict:
     """Calibrate every profile on the base model and write one JSON file to `out_path` (atomic).
 
@@ -81,14 +82,14 @@ def calibrate_base_model(
     model = base.eval()
 
     start = time.perf_counter()
-    samples = evaluate(model, sampler=sampler, eta=eta, steps=steps, mode=mode,
+    samples = evaluate(model, sampler=sampler, eta=eta, steps=steps, mode=mode, shift=shift,
                        seeds_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size, desc="calibrate: base samples")
     sampled = time.perf_counter()
     scores = score_in_batches(score, samples.videos, samples.prompts, batch_size=max(batch_size, 256))
     scored = time.perf_counter()
 
     result = {
-        "seed": seed, "base_checkpoint": source, "sampler": sampler, "eta": eta, "steps": steps, "mode": mode,
+        "seed": seed, "base_checkpoint": source, "sampler": sampler, "eta": eta, "steps": steps, "shift": shift, "mode": mode,
         "samples_per_prompt": samples_per_prompt, "n": len(samples.prompts),
         "prompts": list(dict.fromkeys(samples.prompts)),
         "scores": summarize_scores(scores),

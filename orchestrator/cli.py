@@ -55,7 +55,7 @@ def cmd_eval(args) -> None:
     rows, results = [], {}
     for sampler in samplers:
         start = time.perf_counter()
-        res = evaluate(model, sampler=sampler, eta=eta if sampler != "ode" else 0.0, steps=cfg.eval.steps,
+        res = evaluate(model, sampler=sampler, eta=eta if sampler != "ode" else 0.0, steps=cfg.eval.steps, shift=cfg.eval.shift,
                        mode=args.mode or cfg.rollout.mode, seeds_per_prompt=cfg.eval.seeds_per_prompt, seed=cfg.eval.seed)
         means = res.means()
         rows.append({"sampler": sampler, "eta": eta if sampler != "ode" else 0.0, **means, "clips": len(res.prompts),
@@ -213,13 +213,14 @@ def cmd_reward(args) -> None:
     base = base_policy(cfg)
     if args.action == "train" and args.model == "engagement":
         path, metrics = ensure_engagement_model(r.engagement, base, cache, force=args.force, mode=cfg.rollout.mode,
-                                                steps=cfg.rollout.steps)
+                                                steps=cfg.rollout.steps, shift=cfg.rollout.shift)
         print(format_table([{"predictor": k.removeprefix("auc_"), "held-out AUC": v} for k, v in metrics.items()
                             if k.startswith("auc")]))
         print(f"engagement predictor: {path}")
         write_json(metrics, out / "engagement.json")
         return
-    data = ensure_preference_data(r.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps, force=args.force and args.action == "data")
+    data = ensure_preference_data(r.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps,
+                                  force=args.force and args.action == "data", shift=cfg.rollout.shift)
     if args.action == "data":
         print(json.dumps(summary(data), indent=2))
         print(f"preference data: {data}")

@@ -126,6 +126,7 @@ class EvalConfig(Section):
     sampler: Literal[SAMPLERS] = "ode"
     eta: float = Field(0.0, ge=0)
     steps: int = Field(16, gt=0)
+    shift: float = Field(1.0, gt=0)  # the sampling schedule's shift (Self-Forcing: 4 steps at shift 5)
     seeds_per_prompt: int = Field(4, gt=0)
     seed: int = 1234
     # the trained policy's constraint check: clips per held-out prompt, drawn like the calibration's

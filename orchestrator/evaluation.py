@@ -39,11 +39,13 @@ def evaluate(
     prompts: list[str] | None = None,
     batch_size: int = 64,
     desc: str | None = None,
+    shift: float = 1.0,
 ) -> EvalResult:
     """Generate `seeds_per_prompt` clips per prompt (default: the held-out split) with fixed seeds.
 
     The same (prompts, seed) always draws the same initial noise, so two checkpoints evaluated
-    with equal arguments are compared on identical starting points. `desc` shows a progress bar.
+    with equal arguments are compared on identical starting points. `desc` shows a progress bar; `shift` is the
+    sampling schedule's (policy.sde.sigma_schedule).
     """
     prompts = prompts or [p.text for p in heldout_prompts()]
     texts = [p for p in prompts for _ in range(seeds_per_prompt)]
@@ -51,7 +53,8 @@ def evaluate(
     gen = torch.Generator().manual_seed(seed)
     clips = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None):
-        traj = sample(model, ids[start : start + batch_size], steps=steps, sde_type=sampler, eta=eta, mode=mode, generator=gen)
+        traj = sample(model, ids[start : start + batch_size], steps=steps, sde_type=sampler, eta=eta, mode=mode, generator=gen,
+                      shift=shift)
         clips.append(model.decode(traj.videos))
     videos = np.concatenate(clips)
     return EvalResult(videos, texts, score_batch(videos, texts))

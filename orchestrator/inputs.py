@@ -33,6 +33,20 @@ class Inputs:
     calibration: Path
 
 
+WORLD_KINDS = ("oracle", "videoreward", "feedback")  # reward models of the embedded shapes world
+
+
+def check_rewards_fit(cfg: Config) -> None:
+    """The shapes world's reward models score its square clips (at most 21 frames: an object stays in frame); a model
+    making other clips needs reward models for real video. Raised before any work starts."""
+    frames, height, width = video_shape(cfg.model)
+    for name, spec in cfg.rewards.models.items():
+        if spec.kind in WORLD_KINDS and (height != width or frames > 21):
+            raise ValueError(f"rewards.models.{name} (kind {spec.kind}) scores the shapes world's square clips of at "
+                             f"most 21 frames, but the model makes {frames} x {height} x {width} clips: real video "
+                             "needs reward models for real video (e.g. a VideoAlign VLM reward)")
+
+
 def training_prompts(cfg: Config) -> list[str]:
     if cfg.data.prompts is None:
         return [p.text for p in train_prompts()]
@@ -50,11 +64,13 @@ def reward_checkpoints(cfg: Config, base: Base, progress: bool = True) -> dict[s
         from orchestrator.reward_training import ensure_engagement_model, ensure_preference_data, ensure_reward_model
 
         if spec.kind == "videoreward":
-            data = ensure_preference_data(cfg.rewards.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps)
+            data = ensure_preference_data(cfg.rewards.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps,
+                                          shift=cfg.rollout.shift)
             out[name] = str(ensure_reward_model(cfg.rewards.reward_model, data, cache, progress=progress))
         else:
             out[name] = str(ensure_engagement_model(cfg.rewards.engagement, base, cache, progress=progress,
-                                                    mode=cfg.rollout.mode, steps=cfg.rollout.steps)[0])
+                                                    mode=cfg.rollout.mode, steps=cfg.rollout.steps,
+                                                    shift=cfg.rollout.shift)[0])
     return out
 
 
@@ -81,7 +97,7 @@ def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model
     the base model (the rollout sampler): the value each constraint's τ is compared with after training.
     A clip some reward model rejects (`DataError`) is left out of every mean; returns (means, left-out ids)."""
     r = cfg.rollout
-    res = evaluate(model, sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode,
+    res = evaluate(model, sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode, shift=r.shift,
                    seeds_per_prompt=cfg.eval.constraint_samples_per_prompt, seed=cfg.eval.seed)
     models = scorers(cfg, checkpoints)
     ids = [f"held-out-{i}" for i in range(len(res.prompts))]
@@ -129,7 +145,7 @@ def ensure_calibration(cfg: Config, base: Base, checkpoints: dict[str, str | Non
     c, r = cfg.rewards.calibration, cfg.rollout
     calibrate_base_model(base.load(), lambda v, p: score_all(cfg, models, v, p), profiles,
                          samples_per_prompt=c.samples_per_prompt, seed=c.seed if seed is None else seed,
-                         sampler=r.sampler, eta=r.eta, steps=r.steps, mode=r.mode, out_path=path,
+                         sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, mode=r.mode, out_path=path,
                          source=str(base.path or cfg.model.path))
     return path
 

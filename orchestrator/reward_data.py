@@ -20,7 +20,8 @@ from rewards.world import all_prompts
 
 @torch.no_grad()
 def sample_base_pool(model: Policy, prompts: list[str], cfg: PreferenceDataConfig, mode: str = "causal",
-                     steps: int = 8, batch_size: int = 256, progress: bool = True) -> tuple[np.ndarray, dict]:
+                     steps: int = 8, batch_size: int = 256, progress: bool = True,
+                     shift: float = 1.0) -> tuple[np.ndarray, dict]:
     """`cfg.samples_per_prompt` clips per prompt per sampler -> (uint8 [N, T, H, W, 3], pool columns
     prompt, source "base", sampler, eta, degradation "", strength 0). Sampler i draws its noise from a
     generator seeded by (cfg.seed, i), so a pool is reproducible and samplers see different noise."""
@@ -33,7 +34,7 @@ def sample_base_pool(model: Policy, prompts: list[str], cfg: PreferenceDataConfi
         seed = int(np.random.SeedSequence([cfg.seed, 3, i]).generate_state(1)[0])
         gen = torch.Generator().manual_seed(seed)
         for start in range(0, len(texts), batch_size):
-            traj = sample(model, ids[start:start + batch_size], steps=steps, sde_type=spec.sde_type, eta=spec.eta,
+            traj = sample(model, ids[start:start + batch_size], steps=steps, shift=shift, sde_type=spec.sde_type, eta=spec.eta,
                           mode=mode, generator=gen)
             videos.append(model.decode(traj.videos))
             bar.update(1)
@@ -44,14 +45,14 @@ def sample_base_pool(model: Policy, prompts: list[str], cfg: PreferenceDataConfi
 
 
 def build_preference_dataset(cfg: PreferenceDataConfig, model: Policy, out_dir: Path, mode: str = "causal",
-                             steps: int = 8, progress: bool = True, batch_size: int = 256) -> dict:
+                             steps: int = 8, progress: bool = True, batch_size: int = 256, shift: float = 1.0) -> dict:
     """Sample every world prompt (train + held-out) with the base policy at each configured sampler, add
     true and degraded renders, score the pool with the oracle, pair and label it, and write `out_dir`
     (see `rewards.preference`). Returns `rewards.preference.summary(out_dir)`.
     """
     frames, size = model.shape.video_frames, model.shape.video_height
     prompts = [p.text for p in all_prompts()]
-    base, base_meta = sample_base_pool(model, prompts, cfg, mode, steps, batch_size, progress)
+    base, base_meta = sample_base_pool(model, prompts, cfg, mode, steps, batch_size, progress, shift)
     with tqdm(total=3, desc="reward data: renders, oracle, pairs", disable=not progress) as bar:
         refs, ref_meta = render_references(prompts, cfg.degraded_per_prompt, np.random.default_rng([cfg.seed, 0]),
                                            frames, size, cfg.degradations, cfg.strength)

@@ -100,18 +100,19 @@ def _fresh_tmp(out: Path) -> Path:
 # ---------------------------------------------------------------- preference data
 
 def ensure_preference_data(pref_cfg: PreferenceDataConfig, base, cache: Path, mode: str = "causal",
-                           steps: int = 8, force: bool = False, progress: bool = True) -> Path:
+                           steps: int = 8, force: bool = False, progress: bool = True, shift: float = 1.0) -> Path:
     """Directory of oracle-labelled pairs (`rewards.preference` format) for this data config, base policy
     (`orchestrator.pretraining.Base`, by content key), sampling mode and step count; built on first use, then reused."""
     from orchestrator.reward_data import build_preference_dataset  # loads the policy model code
 
     code = code_version("rewards.preference", "rewards.oracle", "rewards.world", "orchestrator.reward_data", *SAMPLING_CODE)
-    out = Path(cache) / f"prefdata-{fingerprint(pref_cfg, base.key, mode, steps, code)}"
+    out = Path(cache) / f"prefdata-{fingerprint(pref_cfg, base.key, mode, steps, shift, code)}"
     if force or not (out / "pairs.parquet").is_file():
         Path(cache).mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         # write_preference_data is itself atomic (temp dir + rename)
-        info = build_preference_dataset(pref_cfg, base.load().eval(), out, mode=mode, steps=steps, progress=progress)
+        info = build_preference_dataset(pref_cfg, base.load().eval(), out, mode=mode, steps=steps, progress=progress,
+                                        shift=shift)
         (out / "summary.json").write_text(json.dumps({**info, "seconds": round(time.perf_counter() - start, 1),
                                                       "base_checkpoint": str(base.path)}, indent=2))
     return out
@@ -242,7 +243,7 @@ def _json_float(x: float) -> float | None:
 # ---------------------------------------------------------------- engagement predictor
 
 def engagement_logs(eng_cfg: EngagementConfig, base, mode: str = "causal", steps: int = 8,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, shift: float = 1.0) -> dict:
     """The clips shown to users and what they did: {"videos": uint8 [N, T, H, W, 3], "prompts": [N],
     "heldout": bool [N] (clip of a held-out prompt), "clicks": float32 [N] (1/0, NaN = no impression),
     "users": int [N] (-1 = none), "p_click": float [N] (that user's true click probability, NaN = none)}.
@@ -258,7 +259,8 @@ def engagement_logs(eng_cfg: EngagementConfig, base, mode: str = "causal", steps
     pool_cfg = PreferenceDataConfig(samples_per_prompt=n_base // 2, seed=eng_cfg.seed,
                                     samplers=[SamplerSpec(sde_type="sage", eta=0.7), SamplerSpec(sde_type="ode")])
     model = base.load().eval()
-    samples, base_meta = sample_base_pool(model, prompts, pool_cfg, mode=mode, steps=steps, progress=progress)
+    samples, base_meta = sample_base_pool(model, prompts, pool_cfg, mode=mode, steps=steps, progress=progress,
+                                          shift=shift)
     rng = np.random.default_rng([eng_cfg.seed, 7])
     refs, ref_meta = render_references(prompts, per_prompt - n_base - 1, rng, model.shape.video_frames,
                                        model.shape.video_height)
@@ -280,7 +282,8 @@ def engagement_logs(eng_cfg: EngagementConfig, base, mode: str = "causal", steps
 
 
 def ensure_engagement_model(eng_cfg: EngagementConfig, base, cache: Path, force: bool = False,
-                            progress: bool = True, mode: str = "causal", steps: int = 8) -> tuple[Path, dict]:
+                            progress: bool = True, mode: str = "causal", steps: int = 8,
+                            shift: float = 1.0) -> tuple[Path, dict]:
     """Fit (or reuse) the dense engagement predictor on click logs of clips of TRAINING prompts and measure it on
     the logs of held-out prompts. Returns (directory with model.safetensors and engagement.json, metrics):
     held-out ROC AUC of the predictor, of a constant predictor (0.5 by construction, computed with `auc`),
@@ -289,11 +292,11 @@ def ensure_engagement_model(eng_cfg: EngagementConfig, base, cache: Path, force:
     """
     code = code_version("rewards.feedback", "rewards.world", "rewards.preference", "orchestrator.reward_data",
                         "orchestrator.reward_training", *SAMPLING_CODE)
-    out = Path(cache) / f"engagement-{fingerprint(eng_cfg, base.key, mode, steps, code)}"
+    out = Path(cache) / f"engagement-{fingerprint(eng_cfg, base.key, mode, steps, shift, code)}"
     if not force and (out / "model.safetensors").is_file() and (out / "engagement.json").is_file():
         return out, json.loads((out / "engagement.json").read_text())
     start = time.perf_counter()
-    logs = engagement_logs(eng_cfg, base, mode, steps, progress)
+    logs = engagement_logs(eng_cfg, base, mode, steps, progress, shift)
     seen = ~np.isnan(logs["clicks"])
     train, test = seen & ~logs["heldout"], seen & logs["heldout"]
     if len(set(logs["clicks"][test].tolist())) < 2 or len(set(logs["clicks"][train].tolist())) < 2:

@@ -216,11 +216,12 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     """Everything `videorl train` does: inputs (cached), actors, the loop, before/after evaluation, report."""
     from orchestrator.cluster import check_fits, connect
     from orchestrator.evaluation import evaluate
-    from orchestrator.inputs import held_out_reward_means, prepare
+    from orchestrator.inputs import check_rewards_fit, held_out_reward_means, prepare
     from orchestrator.report import write_report
     from policy.backend import check_policy_config
 
     check_policy_config(cfg.model)  # the model directory, frames, LoRA targets, dtype: before anything runs
+    check_rewards_fit(cfg)
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)
     check_fits(cfg)  # before hours of pretraining, not after
@@ -239,7 +240,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     for when, weights in (("before", None), ("after", final)):
         if weights is not None:
             model.load_trainable_state(weights)
-        res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, mode=cfg.rollout.mode,
+        res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, shift=e.shift, mode=cfg.rollout.mode,
                        seeds_per_prompt=e.seeds_per_prompt, seed=e.seed)
         scores[when] = res.means()
         (run_dir / "samples").mkdir(exist_ok=True)

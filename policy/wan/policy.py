@@ -511,6 +511,8 @@ def load_wan_policy(cfg: WanConfig, weights: str | os.PathLike | None, *, device
         _add_lora(transformer, cfg)
     if for_training and cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if cfg.attention_backend is not None:
+        check_attention_backend(cfg.attention_backend, runnable=device.type != "meta")
     codec = latent_codec(cfg, device)
     shape = policy_shape(cfg, dict(transformer.config), codec)
     policy = WanPolicy(transformer, cfg, shape, codec, PromptStates(cfg.path, cfg.text_len, cfg.dtype, prompt_table))
@@ -552,6 +554,22 @@ def _check_lora_targets(transformer, cfg: WanConfig) -> None:
                              "attention to_q, to_k, to_v, to_out.0; feed-forward ffn.net.0.proj, ffn.net.2)")
 
 
+def check_attention_backend(name: str, runnable: bool = True) -> None:
+    """A backend diffusers knows; with `runnable`, one that runs in this process (flash-attn installed, a GPU, ...),
+    checked where the model runs: a CPU-only driver may not have what the GPU actors have."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    names = [b.value for b in dispatch.AttentionBackendName]
+    if name not in names:
+        raise ValueError(f"model.attention_backend={name!r}; diffusers knows {names}")
+    check = getattr(dispatch, "_check_attention_backend_requirements", None)  # diffusers' own requirement check
+    try:
+        if runnable and check is not None:
+            check(dispatch.AttentionBackendName(name))
+    except RuntimeError as e:
+        raise ValueError(f"model.attention_backend={name!r} cannot run here: {e}") from None
+
+
 def check_wan_config(cfg: WanConfig) -> None:
     """The cheap checks of load_wan_policy (files, shapes, LoRA targets, attention backend) on the meta device.
     A missing model.path with model.init set is written first (policy.wan.init)."""
@@ -565,11 +583,5 @@ def check_wan_config(cfg: WanConfig) -> None:
             raise ValueError(f"model directory {cfg.path} has no {sub}/: Wan prompts need the tokenizer and text encoder")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"Self-Forcing checkpoint not found: {cfg.checkpoint}")
-    if cfg.attention_backend is not None:
-        from diffusers.models.attention_dispatch import AttentionBackendName
-
-        names = [b.value for b in AttentionBackendName]
-        if cfg.attention_backend not in names:
-            raise ValueError(f"model.attention_backend={cfg.attention_backend!r}; diffusers knows {names}")
     load_wan_policy(cfg, None, device=torch.device("meta"))
 

@@ -82,6 +82,31 @@ def test_cli_user_errors_exit_nonzero_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+def test_model_kind_picks_the_section_and_a_section_of_another_kind_replaces_the_base(tmp_path):
+    wan = load_config(ROOT / "configs/wan_shapes.yaml", [f"cache_dir={tmp_path}"])
+    assert wan.model.kind == "wan_causal" and not hasattr(wan.model, "dim")  # tiny.yaml's VideoDiT keys are gone
+    assert wan.model.path == str(tmp_path / "wan-init-shapes-0")  # model.init: a random model in the cache
+    assert wan.rewards == load_config().rewards and wan.train.steps == load_config().train.steps
+    with pytest.raises(ConfigError, match="unknown config key 'model.dim'"):
+        load_config(ROOT / "configs/wan_shapes.yaml", ["model.dim=8"])
+    with pytest.raises(ConfigError, match="model.kind=wan attends over the whole clip: set rollout.mode=bidirectional"):
+        load_config(ROOT / "configs/wan_shapes.yaml", ["model.kind=wan", "model.chunk=null", "model.window=null",
+                                                       "model.sink=0"])
+    with pytest.raises(ConfigError, match="model.path is required"):
+        load_config(ROOT / "configs/wan_shapes.yaml", ["model.init=null"])
+    from policy.backend import check_policy_config
+
+    check_policy_config(wan.model)  # writes the random model on first use
+    assert (tmp_path / "wan-init-shapes-0" / "transformer" / "config.json").is_file()
+    key = base_checkpoint_dir(wan)
+    import shutil
+
+    shutil.rmtree(tmp_path / "wan-init-shapes-0")
+    check_policy_config(load_config(ROOT / "configs/wan_shapes.yaml", [f"cache_dir={tmp_path}", "model.init.seed=1"]).model)
+    assert base_checkpoint_dir(load_config(ROOT / "configs/wan_shapes.yaml", [f"cache_dir={tmp_path}",
+                                                                                "model.init.seed=1"])) != key
+
+
 def test_ablation_configs_extend_tiny_and_differ_only_in_the_controller():
     pid, dual = load_config(ROOT / "configs/ablation_pid.yaml"), load_config(ROOT / "configs/ablation_dual.yaml")
     tiny = load_config()

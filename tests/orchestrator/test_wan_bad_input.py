@@ -94,3 +94,20 @@ def test_bfloat16_on_a_cpu_that_cannot_run_it():
         check_dtype("bfloat16", torch.device("cpu"), cpu_bf16=False)
     check_dtype("bfloat16", torch.device("cpu"), cpu_bf16=True)  # a CPU with AVX-512 BF16 / AMX runs it
     check_dtype("float32", torch.device("cpu"), cpu_bf16=False)
+
+
+def test_the_real_model_recipes_load_and_pass_their_checks_but_need_real_rewards(capsys, dirs, tmp_path):
+    """configs/wan2_1_t2v_1_3b.yaml and configs/self_forcing_wan_1_3b.yaml, pointed at a (tiny, latent) Wan directory:
+    every model check passes; training refuses the shapes world's rewards for 240 x 416 / 480 x 832 clips."""
+    from orchestrator.config import load_config
+    from orchestrator.inputs import check_rewards_fit
+    from policy.backend import check_policy_config
+
+    for recipe, extra in (("configs/wan2_1_t2v_1_3b.yaml", []), ("configs/self_forcing_wan_1_3b.yaml", ["model.checkpoint=null"])):
+        cfg = load_config(recipe, [f"model.path={dirs / 'tiny'}", "model.dtype=float32", *extra])
+        check_policy_config(cfg.model)
+        with pytest.raises(ValueError, match="real video needs reward models for real video"):
+            check_rewards_fit(cfg)
+    err = error_of(capsys, "train", "--config", "configs/wan2_1_t2v_1_3b.yaml", f"model.path={dirs / 'tiny'}",
+                   "model.dtype=float32", f"cache_dir={tmp_path}")
+    assert "33 x 240 x 416 clips" in err

@@ -152,3 +152,17 @@ def test_weights_come_from_the_directory(model_dirs):
     state = read_safetensors_dir(__import__("pathlib").Path(model_dirs["shapes"]) / "transformer")
     policy = wan(model_dirs["shapes"])
     assert all(torch.equal(policy.transformer.state_dict()[k], v) for k, v in state.items())
+
+
+def test_the_attention_backend_is_the_one_configured(model_dirs):
+    """model.attention_backend reaches diffusers' dispatch: "flash" needs flash-attn (absent on this CPU), while the
+    math backend computes what the default does."""
+    x = torch.randn(1, 8, 3, 16, 16)
+    default = wan(model_dirs["shapes"], kind="wan")
+    cond = default.encode_prompts(PROMPTS[:1])
+    with torch.no_grad():
+        v = default.velocity(x, torch.tensor([0.5]), cond)
+        math_backend = wan(model_dirs["shapes"], kind="wan", attention_backend="_native_math")
+        assert (math_backend.velocity(x, torch.tensor([0.5]), cond) - v).abs().max() < 1e-5
+        with pytest.raises(ValueError, match="model.attention_backend='flash' cannot run here: .*flash-attn"):
+            wan(model_dirs["shapes"], kind="wan", attention_backend="flash")

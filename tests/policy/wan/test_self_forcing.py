@@ -144,3 +144,13 @@ def test_any_fixture_in_the_format_replays(reference, tmp_path):
             forced = policy.velocity_causal(run.latents[:, k], torch.full((2,), s), run.clean_latents, run.cond)
             streamed = run.velocities[:, k].permute(1, 0, 2, 3, 4, 5).reshape(forced.shape)  # [B, T, C, H, W]
             assert (forced - streamed).abs().max() < 1e-10
+
+
+def test_use_ema_picks_generator_ema_or_generator(reference, tmp_path):
+    tensors, _ = reference
+    ema = {k.removeprefix("generator_ema."): v for k, v in tensors.items() if k.startswith("generator_ema.")}
+    plain = {k: v + 1.0 for k, v in ema.items()}
+    torch.save({"generator_ema": ema, "generator": plain}, tmp_path / "sf.pt")
+    key = "blocks.0.attn1.to_q.weight"
+    assert torch.equal(read_self_forcing(tmp_path / "sf.pt")[key], ema["model.blocks.0.self_attn.q.weight"])
+    assert torch.equal(read_self_forcing(tmp_path / "sf.pt", use_ema=False)[key], plain["model.blocks.0.self_attn.q.weight"])
