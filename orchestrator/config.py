@@ -286,7 +286,13 @@ def model_source_key(cfg: Config) -> str:
 
 def base_checkpoint_dir(cfg: Config) -> Path:
     """Where `videorl pretrain` puts (and later commands find) the base model for this config."""
-    key = fingerprint(cfg.model, cfg.data, cfg.pretrain or "none", model_source_key(cfg), code_version(*BASE_CODE))
+    from policy.backend import without_adapters
+
+    # LoRA is trained after pretraining: the base does not depend on it (nor on how the learner checkpoints its blocks)
+    model = without_adapters(cfg.model)
+    if model.kind != "videodit":
+        model = model.model_copy(update={"gradient_checkpointing": False, "attention_backend": None})
+    key = fingerprint(model, cfg.data, cfg.pretrain or "none", model_source_key(cfg), code_version(*BASE_CODE))
     return cache_dir(cfg) / f"base-{key}"
 
 

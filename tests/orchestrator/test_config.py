@@ -133,3 +133,11 @@ def test_cache_keys_change_with_the_code_that_makes_the_cached_thing(tmp_path, m
     assert code_version("made_by") != before
     with pytest.raises(ValueError, match="no_such_module"):
         code_version("no_such_module")
+
+
+def test_the_base_does_not_depend_on_lora_or_how_the_learner_runs(tmp_path):
+    wan = ROOT / "configs/wan_shapes.yaml"
+    a = load_config(wan, [f"cache_dir={tmp_path}"])
+    for same in (["model.lora.rank=4"], ["model.lora=null"], ["model.gradient_checkpointing=true"]):
+        assert base_checkpoint_dir(load_config(wan, [f"cache_dir={tmp_path}", *same])) == base_checkpoint_dir(a)
+    assert base_checkpoint_dir(load_config(wan, [f"cache_dir={tmp_path}", "model.window=4"])) != base_checkpoint_dir(a)
