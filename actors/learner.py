@@ -19,6 +19,7 @@ class LearnerActor:
         torch.set_num_threads(threads)
         policy = load_policy(model_cfg, base, for_training=True)  # on the actor's GPU when Ray gave it one
         self.learner = Learner(policy, LearnerConfig.model_validate(cfg), total_steps, seed)
+        self.base = base
 
     def train_step(self, payload_refs: list, rewards: list[dict[str, np.ndarray]], primary: str,
                    taus: dict[str, float], lambdas: dict[str, float]) -> dict[str, float]:
@@ -43,7 +44,7 @@ class LearnerActor:
         tensors = {name: getattr(lrn, attr).trainable_state() for name, attr in COPIES}
         tensors["optimizer"] = {k: v.detach().cpu().clone() for k, v in opt_tensors.items()}
         tensors["rng"] = {"learner": lrn.generator.get_state()}
-        return tensors, {"optimizer": opt_plain, "version": lrn.version}
+        return tensors, {"optimizer": opt_plain, "version": lrn.version, "base": self.base}
 
     def load_state(self, tensors: dict, plain: dict) -> None:
         lrn = self.learner

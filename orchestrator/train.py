@@ -226,6 +226,8 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     connect(cfg, address)
     check_fits(cfg)  # before hours of pretraining, not after
     inputs = prepare(cfg, progress=progress)
+    if resume_from is not None:
+        _check_same_base(cfg, resume_from, inputs.base.path)
     write_resolved_config(cfg, run_dir)
     actors = start_actors(cfg, inputs.base, inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
@@ -299,6 +301,15 @@ def _check_resumable(cfg: Config, run_dir: Path) -> Checkpoint:
     except ValueError as e:
         raise ValueError(f"cannot resume {ckpt.path}: {e}") from None
     return ckpt
+
+
+def _check_same_base(cfg: Config, ckpt: Checkpoint, base: Path | None) -> None:
+    """Adapters are only meaningful on the base they were trained on (full weights carry everything themselves)."""
+    saved = ckpt.state["learner"].get("base")
+    current = None if base is None else str(base)
+    if getattr(cfg.model, "lora", None) is not None and saved != current:
+        raise ValueError(f"cannot resume {ckpt.path}: its LoRA adapters were trained on the base {saved or 'model.path'}, "
+                         f"the config now gives {current or 'model.path'}")
 
 
 def batch_means_from_rows(rows: list[dict]) -> dict[str, float]:

@@ -112,6 +112,29 @@ class Policy(Protocol):
     def eval(self): ...
 
 
+def frame_sigma(sigma, b: int, t: int, device: torch.device) -> Tensor:
+    """sigma [B] (one per clip) or [B, T] (one per frame) -> [B, T] float32."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+    if sigma.shape == (b,):
+        return sigma[:, None].expand(b, t)
+    if sigma.shape == (b, t):
+        return sigma
+    raise ValueError(f"sigma must be [B]=[{b}] or [B, T]=[{b}, {t}], got shape {list(sigma.shape)}")
+
+
+def check_chunk(shape: PolicyShape, num_layers: int, x: Tensor, cache: RollingKVCache, start_frame: int) -> None:
+    """A streaming call's chunk x [B, chunk, ...] must continue `cache` at its next frame, for this model."""
+    b, c = x.shape[:2]
+    if c != shape.chunk:
+        raise ValueError(f"a chunk has {shape.chunk} frames, got {c}")
+    if cache.chunk != shape.chunk or cache.num_layers != num_layers:
+        raise ValueError("cache was made for a different model (chunk or depth differ); use policy.new_cache()")
+    if start_frame != cache.next_frame:
+        raise ValueError(f"start_frame must be {cache.next_frame} (the next uncached frame), got {start_frame}")
+    if cache.batch and cache.batch != b:
+        raise ValueError(f"cache holds batch {cache.batch}, the chunk has batch {b}")
+
+
 def is_wan(model_cfg) -> bool:
     return model_cfg.kind in ("wan", "wan_causal")
 

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from policy.backend import PolicyShape, portable
+from policy.backend import PolicyShape, check_chunk, frame_sigma, portable
 from policy.kv_cache import RollingKVCache, attended_frames
 from policy.text import WordTokenizer
 
@@ -278,13 +278,7 @@ class VideoDiT(nn.Module):
             )
 
     def _frame_sigma(self, sigma: Tensor, b: int, t: int) -> Tensor:
-        """sigma [B] or [B, T] -> [B, T] float32."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        if sigma.shape == (b,):
-            return sigma[:, None].expand(b, t)
-        if sigma.shape == (b, t):
-            return sigma
-        raise ValueError(f"sigma must be [B]=[{b}] or [B, T]=[{b}, {t}], got shape {list(sigma.shape)}")
+        return frame_sigma(sigma, b, t, self.device)
 
     def prompt_embedding(self, prompt_ids: Tensor) -> Tensor:
         """prompt_ids LongTensor [B, L] (0 = pad) -> [B, D]: mean of word embeddings through an MLP."""
@@ -412,15 +406,8 @@ class VideoDiT(nn.Module):
 
     def _chunk_pass(self, x, sigma, prompt_ids, cache, start_frame, write):
         self._check_video(x, "x_chunk")
+        check_chunk(self.shape, self.cfg.depth, x, cache, start_frame)
         b, c = x.shape[:2]
-        if c != self.cfg.chunk:
-            raise ValueError(f"a chunk has {self.cfg.chunk} frames, got {c}")
-        if cache.chunk != self.cfg.chunk or cache.num_layers != self.cfg.depth:
-            raise ValueError("cache was made for a different model (chunk or depth differ); use model.new_cache()")
-        if start_frame != cache.next_frame:
-            raise ValueError(f"start_frame must be {cache.next_frame} (the next uncached frame), got {start_frame}")
-        if cache.batch and cache.batch != b:
-            raise ValueError(f"cache holds batch {cache.batch}, the chunk has batch {b}")
         cond = self._cond(prompt_ids, self._frame_sigma(sigma, b, c))
         cos, sin = self._rotary(torch.arange(start_frame, start_frame + c, device=x.device))
         tok = self._embed(x)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from policy.backend import PolicyShape, check_dtype, portable
+from policy.backend import PolicyShape, check_chunk, check_dtype, frame_sigma, portable
 from policy.kv_cache import RollingKVCache
 from policy.model import causal_frame_mask
 from policy.wan.config import WanConfig
@@ -265,7 +265,7 @@ class WanPolicy(nn.Module):
         c = self.shape.chunk
         if t % c:
             raise ValueError(f"number of frames ({t}) must be a multiple of chunk ({c})")
-        per_frame = self._frame_sigma(sigma, b, t)
+        per_frame = frame_sigma(sigma, b, t, self.device)
         sig = torch.cat([torch.zeros_like(per_frame[:, c:]), per_frame], dim=1)  # [B, 2T - c]
         frames = torch.arange(t, device=x_noisy.device)
         n_clean = (t - c) * self.shape.tokens_per_frame
@@ -307,20 +307,12 @@ class WanPolicy(nn.Module):
             finally:
                 self.transformer.set_adapter("default")
 
-    def _frame_sigma(self, sigma: Tensor, b: int, t: int) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        if sigma.shape == (b,):
-            return sigma[:, None].expand(b, t)
-        if sigma.shape == (b, t):
-            return sigma
-        raise ValueError(f"sigma must be [B]=[{b}] or [B, T]=[{b}, {t}], got shape {list(sigma.shape)}")
-
     def _timesteps(self, sigma: Tensor, b: int, t: int) -> Tensor:
         """1000 sigma in float32 (the schedulers' arithmetic): [B] when shared by all frames, else per token."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
         if sigma.shape == (b,):
             return sigma * 1000.0
-        return self._token_timesteps(self._frame_sigma(sigma, b, t))
+        return self._token_timesteps(frame_sigma(sigma, b, t, self.device))
 
     def _token_timesteps(self, sigma_bt: Tensor) -> Tensor:
         return (sigma_bt.float() * 1000.0).repeat_interleave(self.shape.tokens_per_frame, dim=1)
@@ -346,16 +338,8 @@ class WanPolicy(nn.Module):
     def _check_chunk(self, x: Tensor, cache: RollingKVCache, start_frame: int) -> int:
         self._require_causal("streaming")
         self._check_video(x)
-        b, c = x.shape[:2]
-        if c != self.shape.chunk:
-            raise ValueError(f"a chunk has {self.shape.chunk} frames, got {c}")
-        if cache.chunk != self.shape.chunk or cache.num_layers != len(self.transformer.blocks):
-            raise ValueError("cache was made for a different model (chunk or depth differ); use policy.new_cache()")
-        if start_frame != cache.next_frame:
-            raise ValueError(f"start_frame must be {cache.next_frame} (the next uncached frame), got {start_frame}")
-        if cache.batch and cache.batch != b:
-            raise ValueError(f"cache holds batch {cache.batch}, the chunk has batch {b}")
-        return b
+        check_chunk(self.shape, len(self.transformer.blocks), x, cache, start_frame)
+        return x.shape[0]
 
     # -- what moves between learner and rollout --
 

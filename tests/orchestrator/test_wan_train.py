@@ -60,6 +60,13 @@ def test_checkpoints_hold_adapters_and_the_run_resumes(wan_run):
     for group in ("policy", "anchor", "old"):
         assert ckpt.tensors[group] and all("lora_" in k for k in ckpt.tensors[group]), group
     assert ckpt.tensors["reference"] == {}  # the reference is the base (adapters off): nothing to store
+    from orchestrator.train import _check_same_base
+
+    base = Path(ckpt.state["learner"]["base"])
+    assert base.name.startswith("base-") and (base / "transformer").is_dir()  # the pretrained base it points to
+    _check_same_base(cfg, ckpt, base)
+    with pytest.raises(ValueError, match="its LoRA adapters were trained on the base .*base-"):
+        _check_same_base(cfg, ckpt, base.with_name("base-other"))
     more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 5})})
     summary = run_training(more, root / "run", resume=True, progress=False)
     assert summary["steps"] == 5 and summary["ledger"]["balanced"]
