@@ -50,6 +50,7 @@ from policy.wan.vae import PixelSpace, WanVAE
 POLICY_FILE = "videorl_policy.json"  # what `WanPolicy.save` wrote: a full transformer or a LoRA adapter
 ADAPTER_FILE = "adapter.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DENSE_TOKENS = 16384  # teacher forcing with a dense [L, L] mask up to this many tokens, chunk by chunk beyond
 
 
 # --- the three swaps --------------------------------------------------------------------------------------------
@@ -57,13 +58,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 @dataclass
 class AttentionCall:
-    """Per-call attention state. frame_ids: absolute latent frame of each input frame [F]; cache: keys/values the
-    new tokens also attend to (read only); mask: bool [L, L] over the call's own tokens (teacher forcing);
+    """Per-call attention state. frame_ids: absolute latent frame of each input frame [F]; cached: per layer, the
+    cache's (keys, values) `[P, G, heads, M, head_dim]` the new tokens also attend to, as the cache held them at call
+    time (a later append cannot change what a gradient-checkpointed recomputation reads), or None; mask: bool [L, L]
+    over the call's own tokens (teacher forcing);
     detach_from: tokens before this index are history whose keys/values carry no gradient; collect: filled with each
     layer's new (keys, values) `[B, heads, L, head_dim]` (after rotary) when the call writes the cache."""
 
     frame_ids: Tensor
-    cache: RollingKVCache | None = None
+    cached: list[tuple[Tensor, Tensor] | None] | None = None
     mask: Tensor | None = None
     detach_from: int | None = None
     collect: dict[int, tuple[Tensor, Tensor]] | None = None
@@ -139,7 +142,7 @@ class CachedSelfAttention:
             n = call.detach_from
             k = torch.cat([k[:, :n].detach(), k[:, n:]], dim=1)
             v = torch.cat([v[:, :n].detach(), v[:, n:]], dim=1)
-        cached = call.cache.read(self.layer) if call.cache is not None else None
+        cached = call.cached[self.layer] if call.cached is not None else None
         if cached is not None:  # [P, G, H, M, D] -> [B, M, H, D], prepended (an expanded prefix is read, not copied)
             ck, cv = (t.flatten(0, 1).transpose(1, 2).to(k.dtype) for t in cached)
             k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
@@ -240,24 +243,34 @@ class WanPolicy(nn.Module):
                        start_frame: int) -> Tensor:
         """Streaming pass of one noisy chunk at frames start_frame.. against the cache (read, not written)."""
         b = self._check_chunk(x_chunk, cache, start_frame)
-        call = AttentionCall(torch.arange(start_frame, start_frame + x_chunk.shape[1]), cache=cache)
+        call = AttentionCall(torch.arange(start_frame, start_frame + x_chunk.shape[1]), cached=self._snapshot(cache))
         return self._forward(x_chunk, self._timesteps(sigma, b, x_chunk.shape[1]), cond, call)
 
     def append_to_cache(self, x_clean_chunk: Tensor, cond: Tensor, cache: RollingKVCache, start_frame: int) -> None:
         """Self-Forcing's context re-run: the clean chunk at t = 0; its keys/values join the cache (which evicts)."""
         b = self._check_chunk(x_clean_chunk, cache, start_frame)
         c = x_clean_chunk.shape[1]
-        call = AttentionCall(torch.arange(start_frame, start_frame + c), cache=cache, collect={})
+        call = AttentionCall(torch.arange(start_frame, start_frame + c), cached=self._snapshot(cache), collect={})
         self._forward(x_clean_chunk, torch.zeros(b, device=x_clean_chunk.device), cond, call)
         layers = range(len(self.transformer.blocks))
         cache.append(list(range(start_frame, start_frame + c)), [call.collect[i][0] for i in layers],
                      [call.collect[i][1] for i in layers])
 
+    @staticmethod
+    def _snapshot(cache: RollingKVCache) -> list:
+        return [cache.read(i) for i in range(cache.num_layers)]
+
     def velocity_causal(self, x_noisy: Tensor, sigma: Tensor, x_clean: Tensor, cond: Tensor,
                         detach_history: bool = False) -> Tensor:
         """Teacher forcing over [clean frames 0..T-c-1 at t = 0 ; noisy frames 0..T-1] with the rolling cache's
-        frame mask (policy.model.causal_frame_mask) and per-token timesteps. -> v of the noisy frames."""
+        frame mask (policy.model.causal_frame_mask) and per-token timesteps. -> v of the noisy frames.
+
+        With detach_history and more than DENSE_TOKENS tokens, the same values come chunk by chunk through a cache
+        built from the clean frames without gradient (`velocity_causal_streamed`): a 480 x 832 clip of 21 latent
+        frames would need a 60,840-token dense mask (3.4 GiB, and no flash kernel)."""
         self._require_causal("velocity_causal")
+        if detach_history and (2 * x_noisy.shape[1] - self.shape.chunk) * self.shape.tokens_per_frame > DENSE_TOKENS:
+            return self.velocity_causal_streamed(x_noisy, sigma, x_clean, cond)
         self._check_video(x_noisy)
         if x_clean.shape != x_noisy.shape:
             raise ValueError(f"x_clean must match x_noisy: expected {list(x_noisy.shape)}, got {list(x_clean.shape)}")
@@ -273,6 +286,22 @@ class WanPolicy(nn.Module):
                              detach_from=n_clean if detach_history else None)
         x = torch.cat([x_clean[:, : t - c], x_noisy], dim=1)
         return self._forward(x, self._token_timesteps(sig), cond, call)[:, t - c:]
+
+    def velocity_causal_streamed(self, x_noisy: Tensor, sigma: Tensor, x_clean: Tensor, cond: Tensor) -> Tensor:
+        """`velocity_causal(..., detach_history=True)` one chunk at a time: the clean history enters a rolling cache
+        under no_grad, each noisy chunk attends to it with gradient. Memory: one chunk plus the window."""
+        self._require_causal("velocity_causal_streamed")
+        b, t = x_noisy.shape[:2]
+        c = self.shape.chunk
+        per_frame = frame_sigma(sigma, b, t, self.device)
+        cache, out = self.new_cache(), []
+        for start in range(0, t, c):
+            fr = slice(start, start + c)
+            out.append(self.velocity_chunk(x_noisy[:, fr], per_frame[:, fr], cond, cache, start))
+            if start + c < t:
+                with torch.no_grad():
+                    self.append_to_cache(x_clean[:, fr], cond, cache, start)
+        return torch.cat(out, dim=1)
 
     # -- internals --
 

@@ -166,3 +166,34 @@ def test_the_attention_backend_is_the_one_configured(model_dirs):
         assert (math_backend.velocity(x, torch.tensor([0.5]), cond) - v).abs().max() < 1e-5
         with pytest.raises(ValueError, match="model.attention_backend='flash' cannot run here: .*flash-attn"):
             wan(model_dirs["shapes"], kind="wan", attention_backend="flash")
+
+
+def test_chunk_by_chunk_recompute_equals_the_dense_teacher_forced_pass_with_its_gradients(model_dirs):
+    """What the learner uses at real sizes (no dense mask): the same velocities, the same adapter gradients, also
+    under gradient checkpointing (each chunk's cached keys are the ones it saw, whatever was appended later)."""
+    from policy.wan.config import LoraConfig
+
+    from .conftest import perturb_adapters
+
+    results = []
+    for streamed, checkpointing in ((False, False), (True, False), (True, True)):
+        policy = wan(model_dirs["shapes"], window=6, sink=2, lora=LoraConfig(rank=4, alpha=8), for_training=True,
+                     gradient_checkpointing=checkpointing).train()
+        if not results:
+            perturb_adapters(policy)
+            adapter = policy.trainable_state()
+        policy.load_trainable_state(adapter)
+        g = torch.Generator().manual_seed(5)
+        x, clean = torch.randn(2, 8, 3, 16, 16, generator=g), torch.randn(2, 8, 3, 16, 16, generator=g)
+        cond = policy.encode_prompts(PROMPTS)
+        sigma = torch.tensor([[0.9, 0.9, 0.7, 0.7, 0.5, 0.5, 0.2, 0.2], [0.4] * 8])
+        if streamed:
+            v = policy.velocity_causal_streamed(x, sigma, clean, cond)
+        else:
+            v = policy.velocity_causal(x, sigma, clean, cond, detach_history=True)
+        (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
+        results.append((v.detach(), [p.grad.clone() for p in policy.trainable_parameters()]))
+    (v0, g0) = results[0]
+    for v, grads in results[1:]:
+        assert (v - v0).abs().max() < 1e-5
+        assert max((a - b).abs().max() for a, b in zip(grads, g0)) < 1e-5 * max(a.abs().max() for a in g0)
