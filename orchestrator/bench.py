@@ -243,7 +243,8 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
     learner = Learner(init_policy(cfg.model), cfg.learner, steps, cfg.train.seed)
     with tempfile.TemporaryDirectory() as tmp:
         worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), mode=r.mode, sampler=r.sampler, eta=r.eta,
-                               steps=r.steps, shift=r.shift, group_size=r.group_size, dtype=r.dtype)
+                               steps=r.steps, shift=r.shift, group_size=r.group_size, shared_prefix=r.shared_prefix,
+                               dtype=r.dtype)
     scorer = RewardScorer("oracle", frame_shape=(*video_shape(cfg.model), 3))
     cursor, n = PromptCursor(prompts, cfg.train.seed), 0
     stage = {"rollout": 0.0, "reward": 0.0, "learner": 0.0}
@@ -286,7 +287,7 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
     r, gps = cfg.rollout, cfg.train.groups_per_step
     spec = next((s for s in cfg.rewards.models.values() if s.kind == "oracle"), RewardModelSpec(kind="oracle", num_cpus=0.1))
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
-                          dtype=r.dtype)
+                          shared_prefix=r.shared_prefix, dtype=r.dtype)
     pool = RewardPool("oracle", lambda name: reward_actor(name, "oracle", None, num_cpus=spec.num_cpus,
                                                           num_gpus=spec.num_gpus), spec.replicas)
     learner, rollouts = None, []

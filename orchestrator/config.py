@@ -65,6 +65,9 @@ class RolloutConfig(Section):
     steps: int = Field(8, gt=0)
     shift: float = Field(1.0, gt=0)
     group_size: int = Field(8, gt=0)
+    # causal: each group draws a history of 0..n-1 chunks generated once and shared by its G candidates (Astrolabe);
+    # false: the G candidates differ from the first frame (every group varies what the first chunk decides)
+    shared_prefix: bool = True
 
 
 class RewardModelSpec(Section):
