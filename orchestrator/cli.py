@@ -26,7 +26,7 @@ def _config(args):
 
     cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(cfg.threads)
-    check_policy_config(cfg.model)  # model files, frames, LoRA targets, dtype: one line now, not a traceback later
+    check_policy_config(cfg.model)  # model files, frames, LoRA targets: one line now, not a traceback later
     return cfg
 
 

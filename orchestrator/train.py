@@ -220,7 +220,8 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     from orchestrator.report import write_report
     from policy.backend import check_policy_config
 
-    check_policy_config(cfg.model)  # the model directory, frames, LoRA targets, dtype: before anything runs
+    # the model directory, frames, LoRA targets, and the dtype where actors run on CPUs: before anything runs
+    check_policy_config(cfg.model, cpu=cfg.ray.rollout_gpus == 0 or cfg.ray.learner_gpus == 0)
     check_rewards_fit(cfg)
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)

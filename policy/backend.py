@@ -190,15 +190,16 @@ def load_policy(model_cfg, weights: str | os.PathLike | None, *, device: str | t
     raise ValueError(f"unknown model.kind {model_cfg.kind!r}; expected one of {list(KINDS)}")
 
 
-def check_policy_config(model_cfg) -> None:
+def check_policy_config(model_cfg, cpu: bool = False) -> None:
     """Checks that need the model's files but not its weights (run before any actor starts): for Wan the model
-    directory's layout, the frames the VAE can take, LoRA targets that match modules. Raises ValueError /
-    FileNotFoundError naming the problem; videodit has nothing to check beyond its config."""
+    directory's layout, the frames the VAE can take, LoRA targets that match modules; with `cpu` (some process will
+    run the model on a CPU) that its dtype runs there. Raises ValueError / FileNotFoundError naming the problem."""
     if is_wan(model_cfg):
         from policy.wan.policy import check_wan_config
 
         check_wan_config(model_cfg)
-    check_dtype(model_cfg.dtype, torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"))
+    if cpu:
+        check_dtype(model_cfg.dtype, torch.device("cpu"))
 
 
 def cpu_supports_bfloat16() -> bool:

@@ -41,8 +41,6 @@ def test_a_model_directory_without_a_transformer(capsys, dirs, tmp_path):
 
 
 def test_a_checkpoint_with_missing_and_unexpected_keys(capsys, dirs, tmp_path):
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: F401 (the route)
-
     state = {f"model.{k}": v for k, v in _original_names(dirs / "shapes").items()}
     del state["model.blocks.0.self_attn.q.weight"]
     state["model.blocks.0.self_attn.q2.weight"] = torch.zeros(1)

@@ -56,5 +56,5 @@ def test_the_cli_prints_a_table_writes_json_and_exits_1_on_a_failure(tmp_path):
     assert "every check passed" in ok.stdout and (tmp_path / "doctor.json").is_file()
     bad = subprocess.run([*args, "rollout.dtype=bfloat16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
-    line = next(l for l in bad.stdout.splitlines() if l.startswith("importance ratio, rollout bfloat16"))
+    line = next(row for row in bad.stdout.splitlines() if row.startswith("importance ratio, rollout bfloat16"))
     assert "FAIL" in line and float(line.split()[7]) > float(line.split()[8])  # value > tolerance, printed
