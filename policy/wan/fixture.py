@@ -64,7 +64,7 @@ def fixture_policy(fixture_path: str | Path) -> WanPolicy:
     kwargs["patch_size"] = tuple(kwargs["patch_size"])
     with torch.device("meta"):
         transformer = install_swaps(WanTransformer3DModel(**kwargs))
-    load_strict(transformer, read_self_forcing(tensors_path, use_ema=True), str(tensors_path))
+    load_strict(transformer, read_self_forcing(tensors_path, use_ema=True), str(tensors_path), assign=True)
     cast_like_diffusers(transformer, torch.float64)
     frames, h, w = c["latent_frames"], c["latent_height"], c["latent_width"]
     ph, pw = kwargs["patch_size"][1:]

@@ -80,8 +80,10 @@ def read_safetensors_dir(folder: Path) -> dict[str, Tensor]:
     return out
 
 
-def load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Load `state` into `module` (assign: meta modules become real), refusing missing, unexpected or reshaped keys."""
+def load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], source: str, assign: bool = False) -> None:
+    """Load `state` into `module`, refusing missing, unexpected or reshaped keys. assign=True for a module built on
+    the meta device (its parameters become the given tensors); otherwise the values are copied into the module's own
+    parameters, so an optimizer holding them and the module's device stay as they were."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -96,7 +98,7 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], source: st
         if tuple(state[k].shape) != tuple(t.shape):
             raise ValueError(f"{source}: tensor {k!r} has shape {list(state[k].shape)}, the model expects {list(t.shape)}")
     module.load_state_dict({k: v.to(own[k].dtype) if own[k].is_floating_point() else v for k, v in state.items()},
-                           strict=True, assign=True)
+                           strict=True, assign=assign)
 
 
 def read_self_forcing(path: str | Path, use_ema: bool = True) -> dict[str, Tensor]:

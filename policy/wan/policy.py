@@ -518,7 +518,7 @@ def load_wan_policy(cfg: WanConfig, weights: str | os.PathLike | None, *, device
             state, source = read_self_forcing(cfg.checkpoint, cfg.use_ema), cfg.checkpoint
         else:
             state, source = read_safetensors_dir(transformer_dir(cfg.path)), f"{cfg.path}/transformer"
-        load_strict(transformer, state, source)
+        load_strict(transformer, state, source, assign=True)
         cast_like_diffusers(transformer, dtype).to(device)
     if cfg.lora is not None:
         _add_lora(transformer, cfg)

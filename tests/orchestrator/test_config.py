@@ -86,7 +86,7 @@ def test_model_kind_picks_the_section_and_a_section_of_another_kind_replaces_the
     wan = load_config(ROOT / "configs/wan_shapes.yaml", [f"cache_dir={tmp_path}"])
     assert wan.model.kind == "wan_causal" and not hasattr(wan.model, "dim")  # tiny.yaml's VideoDiT keys are gone
     assert wan.model.path == str(tmp_path / "wan-init-shapes-0")  # model.init: a random model in the cache
-    assert wan.rewards == load_config().rewards and wan.train.steps == load_config().train.steps
+    assert wan.rewards == load_config().rewards and wan.constraints == load_config().constraints
     with pytest.raises(ConfigError, match="unknown config key 'model.dim'"):
         load_config(ROOT / "configs/wan_shapes.yaml", ["model.dim=8"])
     with pytest.raises(ConfigError, match="model.kind=wan attends over the whole clip: set rollout.mode=bidirectional"):

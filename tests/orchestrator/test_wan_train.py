@@ -1,6 +1,6 @@
-"""`videorl model init` then `videorl train --config configs/wan_shapes.yaml model.path=D`: the Wan policy through the
-same actors, pipeline and checkpoints as tiny.yaml, on a real local Ray cluster (small settings; the full recipe's
-numbers are in the README)."""
+"""`videorl model init` then `videorl train --config configs/wan_shapes.yaml model.path=D` with LoRA on: the Wan
+policy through the same actors, pipeline and checkpoints as tiny.yaml, on a real local Ray cluster (small settings;
+the full recipe's numbers are in the README)."""
 
 import json
 from pathlib import Path
@@ -32,7 +32,7 @@ def wan_run(tmp_path_factory, ray_cluster):
     assert main(["model", "init", "--kind", "wan_causal", "--out", str(root / "D")]) == 0
     (root / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 0.5}\n")
     cfg = load_config(ROOT / "configs" / "wan_shapes.yaml", [
-        *SMALL, f"model.path={root / 'D'}", "train.steps=3", "train.checkpoint_every=2",
+        *SMALL, f"model.path={root / 'D'}", "model.lora={rank: 4, alpha: 8}", "train.steps=3", "train.checkpoint_every=2",
         f"rewards.profile={root / 'profile.yaml'}", f"cache_dir={root / 'cache'}"])
     return root, cfg, run_training(cfg, root / "run", progress=False)
 

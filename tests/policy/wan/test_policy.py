@@ -197,3 +197,21 @@ def test_chunk_by_chunk_recompute_equals_the_dense_teacher_forced_pass_with_its_
     for v, grads in results[1:]:
         assert (v - v0).abs().max() < 1e-5
         assert max((a - b).abs().max() for a, b in zip(grads, g0)) < 1e-5 * max(a.abs().max() for a in g0)
+
+
+def test_loading_full_weights_copies_into_the_models_own_parameters(model_dirs):
+    """A resumed learner's optimizer holds the model's parameters: loading weights must fill those, not swap them."""
+    policy = wan(model_dirs["shapes"], for_training=True)
+    params = list(policy.trainable_parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    state = {k: v + 0.01 for k, v in policy.trainable_state().items()}
+    policy.load_trainable_state(state)
+    assert all(a is b for a, b in zip(params, policy.trainable_parameters()))
+    for k, v in policy.trainable_state().items():
+        assert torch.equal(v, state[k].to(v.dtype)), k
+    x, cond = torch.randn(1, 8, 3, 16, 16), policy.encode_prompts(PROMPTS[:1])
+    before = {k: v.clone() for k, v in policy.trainable_state().items()}
+    policy.velocity(x, torch.tensor([0.5]), cond).square().mean().backward()
+    opt.step()
+    moved = sum(not torch.equal(v, before[k]) for k, v in policy.trainable_state().items())
+    assert moved > len(before) // 2  # the optimizer still drives the loaded model
