@@ -15,11 +15,12 @@ COPIES = (("policy", "model"), ("reference", "reference"), ("anchor", "anchor"),
 
 
 class LearnerActor:
-    def __init__(self, model_cfg, base: str | None, cfg: dict, total_steps: int, seed: int, threads: int = 1):
+    def __init__(self, model_cfg, base: str | None, cfg: dict, total_steps: int, seed: int, threads: int = 1,
+                 base_key: str = ""):
         torch.set_num_threads(threads)
         policy = load_policy(model_cfg, base, for_training=True)  # on the actor's GPU when Ray gave it one
         self.learner = Learner(policy, LearnerConfig.model_validate(cfg), total_steps, seed)
-        self.base = base
+        self.base, self.base_key = base, base_key  # recorded in checkpoints: adapters only fit the base they grew on
 
     def train_step(self, payload_refs: list, rewards: list[dict[str, np.ndarray]], primary: str,
                    taus: dict[str, float], lambdas: dict[str, float]) -> dict[str, float]:
@@ -44,7 +45,8 @@ class LearnerActor:
         tensors = {name: getattr(lrn, attr).trainable_state() for name, attr in COPIES}
         tensors["optimizer"] = {k: v.detach().cpu().clone() for k, v in opt_tensors.items()}
         tensors["rng"] = {"learner": lrn.generator.get_state()}
-        return tensors, {"optimizer": opt_plain, "version": lrn.version, "base": self.base}
+        return tensors, {"optimizer": opt_plain, "version": lrn.version, "base": self.base,
+                         "base_key": self.base_key}
 
     def load_state(self, tensors: dict, plain: dict) -> None:
         lrn = self.learner
@@ -56,6 +58,6 @@ class LearnerActor:
 
 
 def learner_actor(model_cfg, base: str | None, cfg: dict, total_steps: int, seed: int, *,
-                  num_cpus: float, num_gpus: float = 0.0, threads: int = 1):
+                  num_cpus: float, num_gpus: float = 0.0, threads: int = 1, base_key: str = ""):
     return ray.remote(LearnerActor).options(name="learner", num_cpus=num_cpus, num_gpus=num_gpus).remote(
-        model_cfg, base, cfg, total_steps, seed, threads)
+        model_cfg, base, cfg, total_steps, seed, threads, base_key)

@@ -178,8 +178,10 @@ def cmd_model_init(args) -> None:
     params = ", ".join(f"{k} {v:,}" for k, v in info["params"].items())
     print(f"wrote a random {args.kind} model (preset {args.preset}, seed {args.seed}) to {args.out}: {size / 1e6:.1f} MB; "
           f"parameters: {params}; {'latent (VAE)' if info['latent'] else 'pixel space (no VAE)'}")
-    print(f"use it with: model.kind={args.kind} model.path={args.out}"
-          + ("  (e.g. videorl train --config configs/wan_shapes.yaml model.path=...)" if args.preset == "shapes" else ""))
+    if args.preset == "shapes" and args.kind == "wan_causal":
+        print(f"use it with: videorl train --config configs/wan_shapes.yaml model.path={args.out}")
+    else:
+        print(f"use it with a config whose model section has kind: {args.kind} and path: {args.out}")
 
 
 def cmd_scale(args) -> None:

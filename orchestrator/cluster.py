@@ -83,6 +83,6 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
         pools[name] = RewardPool(name, spawn, spec.replicas)
         names[name] = [spec.prefix + d for d in reward_dims[name]]
     learner = learner_actor(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
-                            num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
+                            num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, base_key=base.key)
     controller = controller_actor(cfg.constraints.model_dump(), taus)
     return RunActors(rollouts, pools, names, learner, controller, control_actor(list(pools)), table)

@@ -243,13 +243,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def _deep_merge(into: dict, update: dict) -> None:
     """Merge `update` into `into`; a section of another `kind` (model, reward model) replaces the base's outright,
-    since the two kinds take different keys."""
+    since the two kinds take different keys. A section without `kind` keeps the base's (`model`: videodit)."""
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict) and value.get("kind", into[key].get("kind")) \
-                == into[key].get("kind"):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            kind = into[key].get("kind", "videodit" if key == "model" else None)
+            if value.get("kind", kind) == kind:
+                _deep_merge(into[key], value)
+                continue
+        into[key] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -273,8 +274,8 @@ def cache_dir(cfg: Config) -> Path:
     return Path(root)
 
 
-BASE_CODE = ("policy.backend", "policy.model", "policy.wan.policy", "policy.pretrain", "rewards.world",
-             "orchestrator.pretraining")
+BASE_CODE = ("policy.backend", "policy.model", "policy.wan.policy", "policy.wan.loading", "policy.wan.text",
+             "policy.wan.vae", "policy.pretrain", "rewards.world", "orchestrator.pretraining")
 
 
 def model_source_key(cfg: Config) -> str:
@@ -289,18 +290,17 @@ def model_source_key(cfg: Config) -> str:
 
 def base_checkpoint_dir(cfg: Config) -> Path:
     """Where `videorl pretrain` puts (and later commands find) the base model for this config."""
-    from policy.backend import without_adapters
+    from policy.backend import base_model_config
 
-    # LoRA is trained after pretraining: the base does not depend on it (nor on how the learner checkpoints its blocks)
-    model = without_adapters(cfg.model)
-    if model.kind != "videodit":
-        model = model.model_copy(update={"gradient_checkpointing": False, "attention_backend": None})
-    key = fingerprint(model, cfg.data, cfg.pretrain or "none", model_source_key(cfg), code_version(*BASE_CODE))
+    key = fingerprint(base_model_config(cfg.model), cfg.data, cfg.pretrain or "none", model_source_key(cfg),
+                      code_version(*BASE_CODE))
     return cache_dir(cfg) / f"base-{key}"
 
 
 def base_key(cfg: Config, base: Path | None) -> str:
-    """Content key of the base the run starts from: the pretrained directory, or the model's own files."""
+    """Content key of the base the run starts from: the model as sampled (frames, window, dtype, ...) and its weights
+    (the pretrained directory, or the model's own files)."""
     from orchestrator.hashing import tree_sha256
+    from policy.backend import base_model_config
 
-    return tree_sha256(base) if base is not None else model_source_key(cfg)
+    return fingerprint(base_model_config(cfg.model), tree_sha256(base) if base is not None else model_source_key(cfg))

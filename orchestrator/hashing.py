@@ -11,7 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 # the code that draws clips from a base model (preference data, engagement logs, calibration), any backend
-SAMPLING_CODE = ("policy.backend", "policy.model", "policy.sampling", "policy.sde", "policy.wan.policy")
+SAMPLING_CODE = ("policy.backend", "policy.model", "policy.sampling", "policy.sde", "policy.wan.policy",
+                 "policy.wan.loading", "policy.wan.text", "policy.wan.vae")
 
 
 def file_sha256(path: str | Path) -> str:

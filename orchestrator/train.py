@@ -218,17 +218,21 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     from orchestrator.evaluation import evaluate
     from orchestrator.inputs import check_rewards_fit, held_out_reward_means, prepare
     from orchestrator.report import write_report
-    from policy.backend import check_policy_config
+    from policy.backend import check_dtype, check_policy_config, default_device
 
-    # the model directory, frames, LoRA targets, and the dtype where actors run on CPUs: before anything runs
-    check_policy_config(cfg.model, cpu=cfg.ray.rollout_gpus == 0 or cfg.ray.learner_gpus == 0)
+    # before anything runs: the model directory, frames, LoRA targets; dtype and attention backend in this driver
+    # (it encodes prompts, calibrates and evaluates), and the dtypes of the actors that run on CPUs
+    check_policy_config(cfg.model, device=default_device())
+    for dtype, gpus in ((cfg.model.dtype, cfg.ray.learner_gpus), (cfg.rollout.dtype or cfg.model.dtype, cfg.ray.rollout_gpus)):
+        if gpus == 0:
+            check_dtype(dtype, "cpu")
     check_rewards_fit(cfg)
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)
     check_fits(cfg)  # before hours of pretraining, not after
     inputs = prepare(cfg, progress=progress)
     if resume_from is not None:
-        _check_same_base(cfg, resume_from, inputs.base.path)
+        _check_same_base(cfg, resume_from, inputs.base.key)
     write_resolved_config(cfg, run_dir)
     actors = start_actors(cfg, inputs.base, inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
@@ -249,7 +253,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
         (run_dir / "samples").mkdir(exist_ok=True)
         np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
     model.save(run_dir / "final")
-    (run_dir / "final" / "base.json").write_text(json.dumps({"base": str(inputs.base.path), "base_key": inputs.base.key}))
+    (run_dir / "final" / "base.json").write_text(json.dumps({"base": inputs.base.path and str(inputs.base.path), "base_key": inputs.base.key}))
     # τ was measured on the base model's held-out rollouts; "final" is the same measurement on the trained policy
     held_out, skipped = held_out_reward_means(cfg, inputs.reward_checkpoints, model)
     last_quarter = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
@@ -304,13 +308,15 @@ def _check_resumable(cfg: Config, run_dir: Path) -> Checkpoint:
     return ckpt
 
 
-def _check_same_base(cfg: Config, ckpt: Checkpoint, base: Path | None) -> None:
+def _check_same_base(cfg: Config, ckpt: Checkpoint, base_key: str) -> None:
     """Adapters are only meaningful on the base they were trained on (full weights carry everything themselves)."""
-    saved = ckpt.state["learner"].get("base")
-    current = None if base is None else str(base)
-    if getattr(cfg.model, "lora", None) is not None and saved != current:
-        raise ValueError(f"cannot resume {ckpt.path}: its LoRA adapters were trained on the base {saved or 'model.path'}, "
-                         f"the config now gives {current or 'model.path'}")
+    from policy.backend import uses_lora
+
+    saved = ckpt.state["learner"].get("base_key")
+    if uses_lora(cfg.model) and saved != base_key:
+        raise ValueError(f"cannot resume {ckpt.path}: its LoRA adapters were trained on the base {saved}, the config "
+                         f"now gives the base {base_key} (model.path, model.checkpoint, the model or its pretraining "
+                         "changed)")
 
 
 def batch_means_from_rows(rows: list[dict]) -> dict[str, float]:

@@ -52,12 +52,6 @@ class PolicyShape:
     video_width: int
     temporal_scale: int = 1  # video frames per latent frame after the first (Wan VAE: 4)
 
-    def video_frames_for(self, latent_frames: int) -> int:
-        """Decoded length of `latent_frames` latent frames (Wan: the first latent frame is one video frame)."""
-        if self.temporal_scale == 1:
-            return latent_frames
-        return (latent_frames - 1) * self.temporal_scale + 1
-
 
 @runtime_checkable
 class Policy(Protocol):
@@ -146,9 +140,22 @@ def video_shape(model_cfg) -> tuple[int, int, int]:
     return model_cfg.frames, model_cfg.height, model_cfg.width
 
 
+def uses_lora(model_cfg) -> bool:
+    """True when the model trains LoRA adapters (what the learner publishes and checkpoints)."""
+    return is_wan(model_cfg) and model_cfg.lora is not None
+
+
 def without_adapters(model_cfg):
     """The same model with no LoRA (pretraining trains every weight)."""
     return model_cfg.model_copy(update={"lora": None}) if is_wan(model_cfg) else model_cfg
+
+
+def base_model_config(model_cfg):
+    """What the base weights and their samples depend on: the model without LoRA and without the learner's
+    execution choices (gradient checkpointing, attention backend)."""
+    if not is_wan(model_cfg):
+        return model_cfg
+    return model_cfg.model_copy(update={"lora": None, "gradient_checkpointing": False, "attention_backend": None})
 
 
 def default_device() -> torch.device:
@@ -190,16 +197,19 @@ def load_policy(model_cfg, weights: str | os.PathLike | None, *, device: str | t
     raise ValueError(f"unknown model.kind {model_cfg.kind!r}; expected one of {list(KINDS)}")
 
 
-def check_policy_config(model_cfg, cpu: bool = False) -> None:
+def check_policy_config(model_cfg, device: torch.device | None = None) -> None:
     """Checks that need the model's files but not its weights (run before any actor starts): for Wan the model
-    directory's layout, the frames the VAE can take, LoRA targets that match modules; with `cpu` (some process will
-    run the model on a CPU) that its dtype runs there. Raises ValueError / FileNotFoundError naming the problem."""
+    directory's layout, the frames the VAE can take, LoRA targets that match modules; with `device` (where this
+    process will run the model) that its dtype and attention backend run there. Raises ValueError /
+    FileNotFoundError naming the problem."""
     if is_wan(model_cfg):
-        from policy.wan.policy import check_wan_config
+        from policy.wan.policy import check_attention_backend, check_wan_config
 
         check_wan_config(model_cfg)
-    if cpu:
-        check_dtype(model_cfg.dtype, torch.device("cpu"))
+        if device is not None and model_cfg.attention_backend:
+            check_attention_backend(model_cfg.attention_backend)
+    if device is not None:
+        check_dtype(model_cfg.dtype, device)
 
 
 def cpu_supports_bfloat16() -> bool:
@@ -207,10 +217,11 @@ def cpu_supports_bfloat16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def check_dtype(dtype: str, device: torch.device, cpu_bf16: bool | None = None) -> None:
+def check_dtype(dtype: str, device: str | torch.device, cpu_bf16: bool | None = None) -> None:
     """Refuse bfloat16 where the device cannot run it (a CPU without native bf16 runs it 10-100x slower)."""
     if dtype != "bfloat16":
         return
+    device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_bf16_supported():
             raise ValueError(f"model.dtype=bfloat16: GPU {torch.cuda.get_device_name(device)} has no bfloat16 support")

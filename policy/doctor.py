@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from policy.backend import Policy, load_policy, without_adapters
+from policy.backend import Policy, load_policy, uses_lora, without_adapters
 from policy.sampling import recompute_log_probs, sample
 
 PROMPTS = ["a red circle moving left quickly", "a blue square moving up slowly"]
@@ -65,7 +65,7 @@ def run_checks(model_cfg, weights, *, mode: str, sampler: str, eta: float, steps
     learner = load_policy(model_cfg, weights, for_training=True)
     if not trained:
         _perturb(learner.trainable_parameters(), 0.05, seed)
-    elif model_cfg.kind != "videodit" and model_cfg.lora is not None:
+    elif uses_lora(model_cfg):
         _perturb(learner.trainable_parameters(), 0.05, seed)  # a fresh adapter is the identity: give it weights
     learner.eval()
     rollout = _worker(model_cfg.model_copy(update={"dtype": rollout_dtype}) if rollout_dtype else model_cfg, weights,
@@ -83,14 +83,10 @@ def run_checks(model_cfg, weights, *, mode: str, sampler: str, eta: float, steps
         checks.append(_prefix_check(learner, cond, g, sampling, tol, seed))
         fresh = _worker(model_cfg, weights, learner)
         checks.append(Check("adapter export -> fresh import (max |dv|)", _max_diff(fresh, learner, cond, seed), 0.0,
-                            "LoRA adapter tensors" if _has_lora(model_cfg) else "all weights (no LoRA)"))
+                            "LoRA adapter tensors" if uses_lora(model_cfg) else "all weights (no LoRA)"))
         checks.append(_disabled_adapter_check(model_cfg, weights, learner, cond, seed))
         checks.append(_vae_check(learner, seed))
     return checks
-
-
-def _has_lora(model_cfg) -> bool:
-    return model_cfg.kind != "videodit" and model_cfg.lora is not None
 
 
 def _worker(model_cfg, weights, learner: Policy) -> Policy:
@@ -162,7 +158,7 @@ def _max_diff(a: Policy, b: Policy, cond, seed) -> float:
 
 def _disabled_adapter_check(model_cfg, weights, learner, cond, seed) -> Check:
     name = "disabled adapter == base (max |dv|)"
-    if not _has_lora(model_cfg):
+    if not uses_lora(model_cfg):
         return _not_applicable(name, "no LoRA (model.lora is not set)")
     base = load_policy(without_adapters(model_cfg), getattr(learner, "base_weights", None)).eval()
     return Check(name, _max_diff(learner.frozen_copy("reference"), base, cond, seed), 0.0, "reference = adapters off")

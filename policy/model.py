@@ -13,7 +13,7 @@ One set of weights, three attention patterns:
   `attended_frames` (MATH.md §7), the same rule the rolling cache uses.
 - `velocity_chunk` / `append_to_cache`: streaming generation with a `RollingKVCache`.
 
-Model tensors are float32 `[B, T, C, H, W]` in [-1, 1]; sigma is the flow-matching time in [0, 1]
+Model tensors are `[B, T, C, H, W]` in [-1, 1] (float32 unless `dtype` says otherwise); sigma is the flow-matching time in [0, 1]
 (x_t = (1 - t) x0 + t eps, v = eps - x0).
 """
 

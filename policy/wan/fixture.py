@@ -1,6 +1,6 @@
 """Parity with upstream Self-Forcing: replay a reference fixture through videorl's own `wan_causal` path.
 
-A fixture (e.g. shared/fixtures/self_forcing_tiny.{safetensors,json}) holds a random tiny generator in Self-Forcing's
+A fixture (e.g. tests/fixtures/self_forcing_tiny.{safetensors,json}) holds a random tiny generator in Self-Forcing's
 checkpoint layout ("generator_ema.model.<Wan name>"), the inputs of one causal rollout (text states, the initial noise
 of every chunk, the fresh noise of every re-noising) and what upstream's CausalWanModel computed with its rolling KV
 cache, in float64. `self_forcing_rollout` loads the checkpoint with the same loader users get

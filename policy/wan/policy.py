@@ -1,6 +1,6 @@
 """Wan policies on the stock diffusers `WanTransformer3DModel`: bidirectional (`wan`) and chunk-causal with videorl's
 rolling KV cache (`wan_causal`, Self-Forcing / CausVid style). No fork, no patched library function: three
-instance-level swaps on the loaded model (REAL_MODELS.md §2.5).
+instance-level swaps on the loaded model.
 
 1. `transformer.rope = FrameRope(...)`: the same 3-axis rotary tables, but indexed by ABSOLUTE latent-frame positions
    (diffusers' rope always starts at frame 0), computed in float64. It returns the (cos, sin) pair as a
@@ -568,8 +568,8 @@ def _check_lora_targets(transformer, cfg: WanConfig) -> None:
 
 
 def check_attention_backend(name: str, runnable: bool = True) -> None:
-    """A backend diffusers knows; with `runnable`, one that runs in this process (flash-attn installed, a GPU, ...),
-    checked where the model runs: a CPU-only driver may not have what the GPU actors have."""
+    """A backend diffusers knows; with `runnable`, one that runs in this process (flash-attn installed, a GPU, ...).
+    Checked in the driver before a run (it runs the model too) and where each actor loads it."""
     from diffusers.models import attention_dispatch as dispatch
 
     names = [b.value for b in dispatch.AttentionBackendName]

@@ -89,6 +89,10 @@ def test_model_kind_picks_the_section_and_a_section_of_another_kind_replaces_the
     assert wan.rewards == load_config().rewards and wan.constraints == load_config().constraints
     with pytest.raises(ConfigError, match="unknown config key 'model.dim'"):
         load_config(ROOT / "configs/wan_shapes.yaml", ["model.dim=8"])
+    # a child naming the base's own (default) kind merges into it: tiny.yaml's qk_norm and window survive
+    (tmp_path / "child.yaml").write_text(f"base: {ROOT / 'configs/tiny.yaml'}\nmodel: {{kind: videodit, sink: 2}}\n")
+    child, tiny = load_config(tmp_path / "child.yaml"), load_config()
+    assert child.model.sink == 2 and child.model.model_dump(exclude={"sink"}) == tiny.model.model_dump(exclude={"sink"})
     with pytest.raises(ConfigError, match="model.kind=wan attends over the whole clip: set rollout.mode=bidirectional"):
         load_config(ROOT / "configs/wan_shapes.yaml", ["model.kind=wan", "model.chunk=null", "model.window=null",
                                                        "model.sink=0"])
@@ -141,3 +145,20 @@ def test_the_base_does_not_depend_on_lora_or_how_the_learner_runs(tmp_path):
     for same in (["model.lora.rank=4"], ["model.lora=null"], ["model.gradient_checkpointing=true"]):
         assert base_checkpoint_dir(load_config(wan, [f"cache_dir={tmp_path}", *same])) == base_checkpoint_dir(a)
     assert base_checkpoint_dir(load_config(wan, [f"cache_dir={tmp_path}", "model.window=4"])) != base_checkpoint_dir(a)
+
+
+def test_without_pretraining_the_base_key_follows_the_model_as_sampled(tmp_path):
+    """Calibration, preference data and resumes key on the base: with `pretrain: null` that is the model's files and
+    every setting that changes its samples (not LoRA, which starts as the identity)."""
+    from orchestrator.config import base_key
+    from policy.wan.init import write_random_model
+
+    for seed in (0, 1):
+        write_random_model(tmp_path / f"D{seed}", "shapes", seed=seed)
+
+    def key(*more, path=tmp_path / "D0"):
+        return base_key(load_config(ROOT / "configs/wan_shapes.yaml", [f"model.path={path}", "pretrain=null", *more]),
+                        None)
+    assert key() == key() and key("model.lora={rank: 4}") == key()
+    keys = {key(), key("model.window=4"), key("model.frames=4"), key("model.dtype=float64"), key(path=tmp_path / "D1")}
+    assert len(keys) == 5

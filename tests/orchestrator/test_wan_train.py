@@ -64,9 +64,11 @@ def test_checkpoints_hold_adapters_and_the_run_resumes(wan_run):
 
     base = Path(ckpt.state["learner"]["base"])
     assert base.name.startswith("base-") and (base / "transformer").is_dir()  # the pretrained base it points to
-    _check_same_base(cfg, ckpt, base)
-    with pytest.raises(ValueError, match="its LoRA adapters were trained on the base .*base-"):
-        _check_same_base(cfg, ckpt, base.with_name("base-other"))
+    key = json.loads((root / "run" / "final" / "base.json").read_text())["base_key"]
+    assert ckpt.state["learner"]["base_key"] == key
+    _check_same_base(cfg, ckpt, key)
+    with pytest.raises(ValueError, match=f"its LoRA adapters were trained on the base {key}, the config now gives"):
+        _check_same_base(cfg, ckpt, "another-base")
     more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 5})})
     summary = run_training(more, root / "run", resume=True, progress=False)
     assert summary["steps"] == 5 and summary["ledger"]["balanced"]

@@ -93,7 +93,7 @@ def test_every_component_loads_and_matches_the_description(written, preset):
     assert parts["text_encoder"].config.vocab_size == 21
     assert parts["text_encoder"].config.d_model == parts["transformer"].config.text_dim == 32
     assert info["dtypes"] == {k: "float32" for k in params}
-    if latent:  # diffusers' test sizes (REAL_MODELS.md §1.2) and the real Wan latent normalisation
+    if latent:  # diffusers' own test sizes and the real Wan latent normalisation
         assert params == {"transformer": 28_328, "vae": 13_861, "text_encoder": 21_376}
         vae = parts["vae"]
         assert len(vae.config.latents_mean) == len(vae.config.latents_std) == vae.config.z_dim == 16

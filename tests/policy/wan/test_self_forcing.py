@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from policy.wan import self_forcing_velocities
 from policy.wan.config import WanConfig
-from policy.wan.fixture import replay, self_forcing_rollout, self_forcing_velocities
+from policy.wan.fixture import replay, self_forcing_rollout
 from policy.wan.loading import read_self_forcing
 from policy.wan.policy import load_wan_policy
 
