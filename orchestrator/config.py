@@ -69,6 +69,13 @@ class RolloutConfig(Section):
     # false: the G candidates differ from the first frame (every group varies what the first chunk decides)
     shared_prefix: bool = True
 
+    @model_validator(mode="after")
+    def _prefix_needs_causal(self):
+        if not self.shared_prefix and self.mode != "causal":
+            raise ValueError("rollout.shared_prefix=false applies to causal rollouts; a bidirectional group shares "
+                             "no history")
+        return self
+
 
 class RewardModelSpec(Section):
     """One reward model served by its own pool of actors (one replica per GPU on a cluster)."""

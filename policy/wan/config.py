@@ -67,7 +67,9 @@ class WanConfig(BaseModel):
                     raise ValueError(f"model.{name} applies to kind wan_causal only (kind wan attends over the whole clip)")
             if self.sink:
                 raise ValueError("model.sink applies to kind wan_causal only (kind wan attends over the whole clip)")
-        else:
+        if not self.use_ema and not self.checkpoint:
+            raise ValueError("model.use_ema=false applies with model.checkpoint (a Self-Forcing generator) only")
+        if self.kind == "wan_causal":
             if self.chunk is None:
                 self.chunk = 3
             if self.window is not None and self.window < self.chunk + self.sink:

@@ -72,6 +72,8 @@ def test_cli_help_lists_subcommands():
     [
         (["pretrain", "rollout.group_sizee=3"], "unknown config key 'rollout.group_sizee'"),
         (["pretrain", "rollout.group_size=-1"], "rollout.group_size"),
+        (["pretrain", "rollout.mode=bidirectional", "rollout.shared_prefix=false"],
+         "rollout.shared_prefix=false applies to causal rollouts"),
         (["eval", "--checkpoint", "/nonexistent/model.safetensors"], "checkpoint not found: /nonexistent/model.safetensors"),
     ],
 )

@@ -109,3 +109,8 @@ def test_the_real_model_recipes_load_and_pass_their_checks_but_need_real_rewards
     err = error_of(capsys, "train", "--config", "configs/wan2_1_t2v_1_3b.yaml", f"model.path={dirs / 'tiny'}",
                    "model.dtype=float32", f"cache_dir={tmp_path}")
     assert "33 x 240 x 416 clips" in err
+
+
+def test_settings_that_would_change_nothing(capsys, dirs, tmp_path):
+    err = error_of(capsys, "doctor", *WAN, f"model.path={dirs / 'shapes'}", "model.use_ema=false", f"cache_dir={tmp_path}")
+    assert "model.use_ema=false applies with model.checkpoint" in err
