@@ -116,6 +116,8 @@ def _build(preset: str, seed: int, vocab: list[str]) -> dict:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
+    from policy.wan.loading import cast_like_diffusers
+
     tokenizer = build_tokenizer(vocab)
     parts = {"tokenizer": tokenizer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=_SHIFT[preset]), "vae": None}
     with torch.random.fork_rng(devices=[]):  # CPU RNG only: init runs on CPU (or meta), CUDA state is not touched
@@ -124,24 +126,12 @@ def _build(preset: str, seed: int, vocab: list[str]) -> dict:
             vocab_size=len(tokenizer), **_TEXT[preset], feed_forward_proj="gated-gelu", is_encoder_decoder=False,
             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))  # ids inside the small vocab
         torch.manual_seed(seed)
-        parts["transformer"] = _cast(WanTransformer3DModel(**_TRANSFORMER[preset]), _TRANSFORMER_DTYPE[preset])
+        transformer = WanTransformer3DModel(**_TRANSFORMER[preset])
+        parts["transformer"] = cast_like_diffusers(transformer, _TRANSFORMER_DTYPE[preset])
         if preset in _VAE:
             torch.manual_seed(seed)
             parts["vae"] = AutoencoderKLWan(**_VAE[preset])
     return parts
-
-
-def _cast(model, dtype: torch.dtype):
-    """Cast `model`'s parameters to `dtype` except its `_keep_in_fp32_modules` (rope, time_embedder, norms, ...).
-
-    The same rule (a module name among the parameter name's dotted parts) as diffusers' from_pretrained(dtype=...),
-    so the saved file equals what a bf16 load of a real checkpoint holds; ModelMixin.to(dtype) would cast those too.
-    """
-    keep = set(model._keep_in_fp32_modules or ())
-    for name, p in model.named_parameters():
-        if keep.isdisjoint(name.split(".")):
-            p.data = p.data.to(dtype)
-    return model
 
 
 def write_random_model(out_dir: str | Path, preset: str = "shapes", seed: int = 0, vocab: list[str] | None = None,
