@@ -223,9 +223,10 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     # before anything runs: the model directory, frames, LoRA targets; dtype and attention backend in this driver
     # (it encodes prompts, calibrates and evaluates), and the dtypes of the actors that run on CPUs
     check_policy_config(cfg.model, device=default_device())
-    for dtype, gpus in ((cfg.model.dtype, cfg.ray.learner_gpus), (cfg.rollout.dtype or cfg.model.dtype, cfg.ray.rollout_gpus)):
-        if gpus == 0:
-            check_dtype(dtype, "cpu")
+    if cfg.ray.learner_gpus == 0 or (cfg.ray.rollout_gpus == 0 and not cfg.rollout.dtype):
+        check_dtype(cfg.model.dtype, "cpu")
+    if cfg.ray.rollout_gpus == 0 and cfg.rollout.dtype:
+        check_dtype(cfg.rollout.dtype, "cpu", key="rollout.dtype")
     check_rewards_fit(cfg)
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)

@@ -217,18 +217,19 @@ def cpu_supports_bfloat16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def check_dtype(dtype: str, device: str | torch.device, cpu_bf16: bool | None = None) -> None:
-    """Refuse bfloat16 where the device cannot run it (a CPU without native bf16 runs it 10-100x slower)."""
+def check_dtype(dtype: str, device: str | torch.device, cpu_bf16: bool | None = None, key: str = "model.dtype") -> None:
+    """Refuse bfloat16 where the device cannot run it (a CPU without native bf16 runs it 10-100x slower); `key` is
+    the config key the error names."""
     if dtype != "bfloat16":
         return
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_bf16_supported():
-            raise ValueError(f"model.dtype=bfloat16: GPU {torch.cuda.get_device_name(device)} has no bfloat16 support")
+            raise ValueError(f"{key}=bfloat16: GPU {torch.cuda.get_device_name(device)} has no bfloat16 support")
         return
     if device.type == "cpu" and not (cpu_supports_bfloat16() if cpu_bf16 is None else cpu_bf16):
-        raise ValueError("model.dtype=bfloat16 needs a CPU with native bfloat16 (AVX-512 BF16 or AMX) or a GPU; "
-                         f"this CPU reports {torch.backends.cpu.get_cpu_capability()} without it: use model.dtype=float32")
+        raise ValueError(f"{key}=bfloat16 needs a CPU with native bfloat16 (AVX-512 BF16 or AMX) or a GPU; "
+                         f"this CPU reports {torch.backends.cpu.get_cpu_capability()} without it: use {key}=float32")
 
 
 def encode_prompt_table(model_cfg, prompts: Sequence[str]) -> dict[str, np.ndarray] | None:

@@ -114,3 +114,18 @@ def test_the_real_model_recipes_load_and_pass_their_checks_but_need_real_rewards
 def test_settings_that_would_change_nothing(capsys, dirs, tmp_path):
     err = error_of(capsys, "doctor", *WAN, f"model.path={dirs / 'shapes'}", "model.use_ema=false", f"cache_dir={tmp_path}")
     assert "model.use_ema=false applies with model.checkpoint" in err
+
+
+def test_training_refuses_bfloat16_wherever_a_cpu_would_run_it(monkeypatch, dirs, tmp_path):
+    """The preflight, before Ray starts: the driver (prompts, calibration, eval) and CPU rollout actors at
+    rollout.dtype, each error naming its key (the CPU probe set to "no native bf16")."""
+    import policy.backend
+    from orchestrator.config import load_config
+    from orchestrator.train import run_training
+
+    monkeypatch.setattr(policy.backend, "cpu_supports_bfloat16", lambda: False)
+    for override, key in (("model.dtype=bfloat16", "model.dtype"), ("rollout.dtype=bfloat16", "rollout.dtype")):
+        cfg = load_config("configs/wan_shapes.yaml", [f"model.path={dirs / 'shapes'}", override, f"cache_dir={tmp_path}"])
+        with pytest.raises(ValueError, match=f"{key}=bfloat16 needs a CPU with native bfloat16"):
+            run_training(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()  # nothing ran
