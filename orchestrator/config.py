@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator.autoscale import AutoscaleConfig
 from orchestrator.chaos import ChaosConfig
-from orchestrator.hashing import code_version, fingerprint
+from orchestrator.hashing import POLICY_CODE, code_version, fingerprint
 from orchestrator.reward_training import EngagementConfig, RewardTrainConfig
 from policy.learner import LearnerConfig
 from policy.model import ModelConfig
@@ -144,6 +144,7 @@ class EvalConfig(Section):
 
 
 MODEL_KINDS = ("videodit", "wan", "wan_causal")
+DEFAULT_KINDS = {"model": "videodit"}  # a section's kind when its YAML names none
 PolicyConfig = Annotated[Union[ModelConfig, WanConfig], Field(discriminator="kind")]
 
 
@@ -253,7 +254,7 @@ def _deep_merge(into: dict, update: dict) -> None:
     since the two kinds take different keys. A section without `kind` keeps the base's (`model`: videodit)."""
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            kind = into[key].get("kind", "videodit" if key == "model" else None)
+            kind = into[key].get("kind", DEFAULT_KINDS.get(key))
             if value.get("kind", kind) == kind:
                 _deep_merge(into[key], value)
                 continue
@@ -268,7 +269,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         apply_override(raw, *parse_override(text))
     model = raw.setdefault("model", {})
     if isinstance(model, dict):
-        if model.setdefault("kind", "videodit") == "videodit":
+        if model.setdefault("kind", DEFAULT_KINDS["model"]) == "videodit":
             model.setdefault("vocab", VOCAB)
     try:
         return Config.model_validate(raw)
@@ -281,8 +282,7 @@ def cache_dir(cfg: Config) -> Path:
     return Path(root)
 
 
-BASE_CODE = ("policy.backend", "policy.model", "policy.wan.policy", "policy.wan.loading", "policy.wan.text",
-             "policy.wan.vae", "policy.pretrain", "rewards.world", "orchestrator.pretraining")
+BASE_CODE = (*POLICY_CODE, "policy.pretrain", "rewards.world", "orchestrator.pretraining")
 
 
 def model_source_key(cfg: Config) -> str:

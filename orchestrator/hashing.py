@@ -10,9 +10,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-# the code that draws clips from a base model (preference data, engagement logs, calibration), any backend
-SAMPLING_CODE = ("policy.backend", "policy.model", "policy.sampling", "policy.sde", "policy.wan.policy",
-                 "policy.wan.loading", "policy.wan.text", "policy.wan.vae")
+# the code that loads and runs a policy, any backend
+POLICY_CODE = ("policy.backend", "policy.model", "policy.wan.policy", "policy.wan.loading", "policy.wan.text",
+               "policy.wan.vae")
+# the code that draws clips from a base model (preference data, engagement logs, calibration)
+SAMPLING_CODE = (*POLICY_CODE, "policy.sampling", "policy.sde")
 
 
 def file_sha256(path: str | Path) -> str:

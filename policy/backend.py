@@ -153,9 +153,10 @@ def without_adapters(model_cfg):
 def base_model_config(model_cfg):
     """What the base weights and their samples depend on: the model without LoRA and without the learner's
     execution choices (gradient checkpointing, attention backend)."""
+    model_cfg = without_adapters(model_cfg)
     if not is_wan(model_cfg):
         return model_cfg
-    return model_cfg.model_copy(update={"lora": None, "gradient_checkpointing": False, "attention_backend": None})
+    return model_cfg.model_copy(update={"gradient_checkpointing": False, "attention_backend": None})
 
 
 def default_device() -> torch.device:
