@@ -72,3 +72,4 @@ def test_ledger_balances_and_metrics_have_one_row_per_step(tiny_run):
     rows = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
     assert len(rows) == cfg.train.steps * cfg.train.groups_per_step * cfg.rollout.group_size
     assert {r["group_id"] for r in rows}.__len__() == ledger["consumed"]
+    assert max(r["prefix_chunks"] for r in rows) > 0  # rollout.shared_prefix (default): groups share a random history

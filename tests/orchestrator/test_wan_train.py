@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -44,6 +45,8 @@ def test_the_wan_run_balances_its_ledger_and_publishes_only_the_adapter(wan_run)
     final = load_policy(cfg.model, root / "run" / "final")
     adapter = final.trainable_state()
     assert adapter and all("lora_" in k for k in adapter)
+    rows = pq.read_table(root / "run" / "rollouts.parquet").to_pylist()
+    assert rows and {r["prefix_chunks"] for r in rows} == {0}  # wan_shapes: rollout.shared_prefix=false
     m = read_metrics(root / "run")
     assert (m["weights/bytes_per_version"] == trainable_bytes(adapter)).all()
     full = trainable_bytes({k: v for k, v in final.transformer.state_dict().items() if "lora_" not in k})
