@@ -33,3 +33,12 @@ def test_groups_share_a_random_prefix_unless_told_not_to(tmp_path):
     outs = [independent.generate(f"g{i}", "a red circle moving left quickly", seed=i)[1] for i in range(6)]
     assert {o["prefix_chunks"] for o in outs} == {0}
     assert all(not np.array_equal(o["latents"][0, :, :2], o["latents"][1, :, :2]) for o in outs)  # differ from frame 0
+
+
+def test_the_rollout_dtype_is_the_workers_own(tmp_path):
+    """rollout.dtype: the worker's copy runs in its own dtype; the learner's config (float32 here) is untouched."""
+    w = worker(tmp_path, dtype="float64")
+    assert w.policy.dtype == torch.float64 and next(w.policy.parameters()).dtype == torch.float64
+    _, payload, _ = w.generate("g", "a red circle moving left quickly", seed=0)
+    assert payload["latents"].dtype == np.float64
+    assert worker(tmp_path).policy.dtype == torch.float32
