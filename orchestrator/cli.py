@@ -146,8 +146,9 @@ def cmd_doctor(args) -> None:
 
     cfg = _config(args)
     weights = Path(args.checkpoint) if args.checkpoint else None
-    if weights is None and cfg.pretrain is not None and (base_checkpoint_dir(cfg) / DONE).is_file():
-        weights = base_checkpoint_dir(cfg)  # the cached base when there is one
+    if weights is None and cfg.pretrain is not None:
+        cached = base_checkpoint_dir(cfg)
+        weights = cached if (cached / DONE).is_file() else None  # the cached base when there is one
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"checkpoint not found: {weights}")
     # an untrained VideoDiT predicts v = 0 (adaLN-Zero): perturbed so every path is exercised
