@@ -162,9 +162,22 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     cache_dir: str | None = None  # None: $VIDEORL_CACHE or ~/.cache/videorl
     threads: int = Field(1, ge=1)  # torch threads per process; more oversubscribes small CPU ops
+    # one seed for every random choice of a run (data, pretraining, preference pairs, reward models, users,
+    # calibration, training) where the section sets none itself; eval.seed stays: runs share one held-out draw
+    seed: int | None = None
+
+    def seeded_sections(self) -> list[BaseModel]:
+        """The sections whose `seed` the top-level seed sets."""
+        r = self.rewards
+        return [self.data, *([self.pretrain] if self.pretrain else []), r.preference, r.reward_model, r.engagement,
+                r.calibration, self.train]
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.seed is not None:
+            for section in self.seeded_sections():
+                if "seed" not in section.model_fields_set:
+                    section.seed = self.seed
         if self.model.kind == "videodit" and self.model.vocab != VOCAB:
             missing = sorted(set(VOCAB) - set(self.model.vocab))
             if missing:
