@@ -81,11 +81,17 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, std) -> Tensor:
     return _per_sample_mean(kl)
 
 
-def stepwise_kl(behaviour_log_prob: Tensor, log_prob: Tensor) -> Tensor:
+def stepwise_kl(behaviour_log_prob: Tensor, log_prob: Tensor, weight: Tensor | None = None) -> Tensor:
     """Step-wise KL (SAGE-GRPO, rollout-phase estimate): mean(logp_behaviour - logp_theta), a scalar.
-    behaviour_log_prob is a constant; gradient flows through log_prob."""
+    behaviour_log_prob is a constant; gradient flows through log_prob. weight: optional `[N]` per-element weight
+    (Astrolabe selective KL: 1 where the penalty applies, 0 elsewhere): mean(weight (logp_behaviour - logp_theta)),
+    still divided by N, so masked elements count as 0, not as absent."""
     _check_same_shape(behaviour_log_prob=behaviour_log_prob, log_prob=log_prob)
-    return (behaviour_log_prob.detach().float() - log_prob.float()).mean()
+    diff = behaviour_log_prob.detach().float() - log_prob.float()
+    if weight is None:
+        return diff.mean()
+    _check_same_shape(log_prob=log_prob, weight=weight)
+    return (weight.detach().float() * diff).mean()
 
 
 def kl_schedule(kind: Literal["fixed", "two_stage", "milder"], step: int, total_steps: int, base: float) -> float:
@@ -132,6 +138,7 @@ def nft_loss(
     kl_weight: float = 0.0,
     form: Literal["diffusionnft", "astrolabe"] = "diffusionnft",
     C: float = 5.0,
+    kl_mask: Tensor | None = None,
 ) -> Tensor:
     """Forward-process negative-aware fine-tuning (DiffusionNFT, Zheng et al. 2025; Astrolabe), MATH.md §3.
 
@@ -144,7 +151,9 @@ def nft_loss(
         loss = C (r L+ + (1-r) L-) / beta, averaged over the batch.
     astrolabe: L^+- = mean((x0^+- - x0)^2) and loss = r L+ + (1-r) L- (no weight, no C, no 1/beta;
         C still normalises A inside r).
-    Both add kl_weight mean((v_theta - sg(v_ref))^2). Returns a scalar.
+    Both add kl_weight mean((v_theta - sg(v_ref))^2). kl_mask: optional `[B]` per-sample weight of that KL term
+    (Astrolabe selective KL: 1 where it applies, 0 elsewhere): kl_weight mean_B(m_b mean((v_theta - v_ref)_b^2)).
+    Returns a scalar.
     """
     _check_same_shape(x0=x0, eps=eps, v_theta=v_theta, v_old=v_old)
     if form not in ("diffusionnft", "astrolabe"):
@@ -177,7 +186,11 @@ def nft_loss(
         if v_ref is None:
             raise ValueError("v_ref is required when kl_weight != 0")
         _check_same_shape(v_theta=v_theta, v_ref=v_ref)
-        loss = loss + kl_weight * ((v_theta - v_ref.detach().float()) ** 2).mean()
+        if kl_mask is None:
+            loss = loss + kl_weight * ((v_theta - v_ref.detach().float()) ** 2).mean()
+        else:
+            per_sample = _per_sample_mean((v_theta - v_ref.detach().float()) ** 2)
+            loss = loss + kl_weight * (_broadcast_batch(kl_mask, per_sample, "kl_mask") * per_sample).mean()
     return loss
 
 

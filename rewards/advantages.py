@@ -88,8 +88,8 @@ def _group_index(group_ids, b: int) -> tuple[np.ndarray, torch.Tensor]:
 
 # --------------------------------------------------------------------------- normalisation
 
-def _group_normalise(x: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """(x - mean_G) / (std_G + EPS) per group and per column; std unbiased (n-1).
+def _group_normalise(x: torch.Tensor, inverse: torch.Tensor, n_groups: int, scale: bool = True) -> torch.Tensor:
+    """(x - mean_G) / (std_G + EPS) per group and per column; std unbiased (n-1). scale=False: x - mean_G only.
 
     x: [B] or [B, K] float64. A column that is constant within a group (this includes every
     group of size 1) gives exactly 0 there, never NaN and never rounding noise / EPS.
@@ -106,30 +106,43 @@ def _group_normalise(x: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> t
     hi = torch.full((n_groups, k), -torch.inf, dtype=torch.float64).scatter_reduce(0, idx, x2, "amax")
     lo = torch.full((n_groups, k), torch.inf, dtype=torch.float64).scatter_reduce(0, idx, x2, "amin")
     constant = (hi == lo)[inverse]
-    out = torch.where(constant, torch.zeros_like(dev), dev / (std[inverse] + EPS))
+    out = torch.where(constant, torch.zeros_like(dev), dev / (std[inverse] + EPS) if scale else dev)
     return out[:, 0] if squeeze else out
 
 
 # --------------------------------------------------------------------------- advantages
 
-def grpo_advantages(rewards, group_ids, weights) -> torch.Tensor:
+def _sum_of_weights(w: torch.Tensor) -> torch.Tensor:
+    total = w.sum()
+    if not bool(total > 0):
+        raise ValueError(f"sum_norm divides by the sum of the weights, which must be > 0, got {w.tolist()}")
+    return total
+
+
+def grpo_advantages(rewards, group_ids, weights, sum_norm: bool = False) -> torch.Tensor:
     """GRPO advantages (MATH.md §4): s_j = Σ_k w_k r_jk, A_j = (s_j − mean_G s)/(std_G s + 1e-4).
 
+    sum_norm (Stooke et al. 2020, SCRL §5): A_j = (s_j − mean_G s)/Σ_k w_k instead of the std division; with the
+    SCRL weights [1, λ_1, …, λ_C] that is (1 + Σλ_c), which keeps the scale bounded as λ grows.
     rewards [B, K] (torch or numpy), group_ids [B] labels, weights [K]. Returns float32 [B].
     std is unbiased; a group of size 1, or one whose weighted sum is constant, gets 0.
     """
     r = _rewards_2d(rewards)
     w = _weights(weights, r.shape[1])
     labels, inverse = _group_index(group_ids, r.shape[0])
+    if sum_norm:
+        return (_group_normalise(r @ w, inverse, len(labels), scale=False) / _sum_of_weights(w)).to(torch.float32)
     return _group_normalise(r @ w, inverse, len(labels)).to(torch.float32)
 
 
-def gdpo_advantages(rewards, group_ids, weights) -> torch.Tensor:
+def gdpo_advantages(rewards, group_ids, weights, sum_norm: bool = False) -> torch.Tensor:
     """GDPO advantages (NVIDIA GDPO; MATH.md §4): normalise each reward channel within its group,
     sum with weights, then whiten over the whole batch.
 
     A_jk = (r_jk − mean_G r_·k)/(std_G r_·k + 1e-4); Â_j = Σ_k w_k A_jk;
     A_j = (Â_j − mean_B Â)/(std_B Â + 1e-4).
+    sum_norm (Stooke et al. 2020, SCRL §5): A_j = Â_j / Σ_k w_k instead of the batch whitening; with the SCRL
+    weights [1, λ_1, …, λ_C] that is (1 + Σλ_c) (whitening would cancel any constant factor).
     rewards [B, K], group_ids [B] labels, weights [K]. Returns float32 [B].
     A channel constant within a group contributes 0 there. A group of size 1 has nothing to be
     compared with: its advantage is exactly 0 and it is left out of the batch whitening
@@ -139,6 +152,8 @@ def gdpo_advantages(rewards, group_ids, weights) -> torch.Tensor:
     w = _weights(weights, r.shape[1])
     labels, inverse = _group_index(group_ids, r.shape[0])
     summed = _group_normalise(r, inverse, len(labels)) @ w
+    if sum_norm:
+        return (summed / _sum_of_weights(w)).to(torch.float32)
     in_group = torch.bincount(inverse, minlength=len(labels))[inverse] >= 2
     out = torch.zeros_like(summed)
     kept = summed[in_group]
@@ -196,7 +211,8 @@ def composite_reward(primary, constraint_rewards, tau, lambdas, sum_norm: bool =
     """Scalar SCRL reward (MATH.md §5): R = R_f − Σ_c λ_c·ReLU(τ_c − R_c), float32 [B].
 
     With sum_norm (Stooke et al. 2020) the sum is divided by (1 + Σ_c λ_c) so the reward scale
-    stays bounded as λ grows. (Under GDPO the batch whitening cancels this constant factor.)
+    stays bounded as λ grows. (A batch whitening cancels this constant factor: the learner's advantages use
+    `gdpo_advantages(..., sum_norm=True)`, which divides instead of whitening.)
     """
     p, c, t = _constraint_inputs(primary, constraint_rewards, tau)
     lam = _lambdas(lambdas, c.shape[1])

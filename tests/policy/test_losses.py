@@ -80,6 +80,18 @@ def test_stepwise_kl():
     torch.testing.assert_close(logp.grad, torch.full((3,), -1 / 3))
 
 
+def test_stepwise_kl_weight_masks_elements_but_keeps_the_mean_over_all():
+    behaviour, logp = torch.tensor([0.5, -0.2, 1.0, 0.3]), torch.tensor([0.1, 0.3, 0.0, 0.3], requires_grad=True)
+    weight = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    kl = stepwise_kl(behaviour, logp, weight)
+    assert kl.item() == pytest.approx((0.4 + 1.0) / 4, abs=1e-7)
+    kl.backward()
+    torch.testing.assert_close(logp.grad, -weight / 4)
+    assert stepwise_kl(behaviour, logp, torch.ones(4)).item() == pytest.approx(stepwise_kl(behaviour, logp).item())
+    with pytest.raises(ValueError, match="weight"):
+        stepwise_kl(behaviour, logp, torch.ones(3))
+
+
 def test_kl_schedule():
     assert [kl_schedule("fixed", s, 10, 0.2) for s in (0, 9)] == [0.2, 0.2]
     assert [kl_schedule("two_stage", s, 10, 0.2) for s in (0, 4, 5, 9)] == pytest.approx([0.02, 0.02, 0.2, 0.2])
@@ -127,6 +139,24 @@ def test_nft_gradients_flow_only_through_v_theta_and_batch_is_mean():
     ]
     kl = 0.1 * ((v_theta - v_ref) ** 2).mean()
     assert loss.item() == pytest.approx((sum(per_sample) / 3 + kl).item(), abs=1e-5)
+
+
+def test_nft_kl_mask_applies_the_kl_term_per_sample():
+    """Selective KL: loss(mask) = loss(no KL) + kl mean_B(m_b mean((v_theta - v_ref)_b^2))."""
+    g = torch.Generator().manual_seed(2)
+    x0, eps, v_old, v_ref, v_theta = (torch.randn(3, 2, 4, generator=g) for _ in range(5))
+    t, adv = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([3.0, -1.0, 0.0])
+
+    def loss(mask=None, kl=0.5):
+        return nft_loss(x0, eps, t, v_theta, v_old, v_ref, adv, 0.5, kl, kl_mask=mask).item()
+
+    d = ((v_theta - v_ref) ** 2).reshape(3, -1).mean(1)
+    mask = torch.tensor([True, False, True])
+    assert loss(mask) == pytest.approx(loss(kl=0.0) + 0.5 * (d[0] + d[2]).item() / 3, rel=1e-6)
+    assert loss(torch.ones(3)) == pytest.approx(loss(), rel=1e-6)
+    assert loss(torch.zeros(3)) == pytest.approx(loss(kl=0.0), rel=1e-6)
+    with pytest.raises(ValueError, match="kl_mask"):
+        loss(torch.ones(2))
 
 
 def test_nft_at_old_policy_positive_and_negative_agree():

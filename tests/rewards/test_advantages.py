@@ -90,6 +90,25 @@ def test_constant_group_gives_exact_zero_not_nan():
     assert torch.equal(gdpo_advantages(torch.ones(4, 2), [0, 0, 1, 1], [1, 1]), torch.zeros(4))
 
 
+def test_sum_norm_divides_by_the_sum_of_weights_instead_of_the_final_normaliser():
+    """MATH.md §4 rewards with SCRL-style weights [1, λ = 0.5]: the divisor is 1 + λ = 1.5 (Stooke's sum norm).
+    GRPO: s = [1.5, 1, 0.5, 0.5], (s − 0.875)/1.5. GDPO: per-channel z-scores (±0.86588; 0.4999, −1.4997)
+    summed with the weights, /1.5, no batch whitening."""
+    w = [1.0, 0.5]
+    grpo = grpo_advantages(MATH_REWARDS, [0, 0, 0, 0], w, sum_norm=True)
+    gdpo = gdpo_advantages(MATH_REWARDS, [0, 0, 0, 0], w, sum_norm=True)
+    torch.testing.assert_close(grpo, torch.tensor([0.416667, 0.083333, -0.25, -0.25]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gdpo, torch.tensor([0.743889, 0.077353, -0.410621, -0.410621]), atol=1e-5, rtol=0)
+    for fn in (grpo_advantages, gdpo_advantages):  # differs from the plain normalisation
+        assert not torch.allclose(fn(MATH_REWARDS, [0, 0, 0, 0], w), fn(MATH_REWARDS, [0, 0, 0, 0], w, sum_norm=True))
+        # the scale is bounded as the weights grow: doubling every weight changes nothing
+        torch.testing.assert_close(fn(MATH_REWARDS, [0, 0, 0, 0], [2.0, 1.0], sum_norm=True),
+                                   fn(MATH_REWARDS, [0, 0, 0, 0], w, sum_norm=True))
+        assert torch.equal(fn(np.ones((3, 2)), [0, 0, 1], w, sum_norm=True), torch.zeros(3))  # constant, singleton
+        with pytest.raises(ValueError, match="sum of the weights"):
+            fn(MATH_REWARDS, [0, 0, 0, 0], [1.0, -1.0], sum_norm=True)
+
+
 @pytest.mark.parametrize("fn", [grpo_advantages, gdpo_advantages])
 def test_bad_inputs_raise_clear_errors(fn):
     good = np.ones((4, 2))
