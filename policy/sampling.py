@@ -6,6 +6,10 @@ non-batch elements. Two generation modes:
 - causal: chunk by chunk with the rolling KV cache (MATH.md §7); each chunk runs its own K steps,
   then its clean result is appended to the cache. Group rollouts generate the first `prefix_chunks`
   once per prompt, freeze that cache and broadcast it (no copy) to G candidates (Astrolabe).
+  Causal clips may be longer than the training clip (streaming long tuning, long-video evaluation):
+  positions keep growing and the cache evicts beyond the window.
+Optional reward guidance (VideoAlign, MATH.md §3): a `guide(x_t, sigma, v, history) -> v'` callable
+replaces each step's velocity before the SDE step, so the recorded log-probs are the guided sampler's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from torch import Tensor
 from policy.backend import Policy
 from policy.kv_cache import RollingKVCache
 from policy.sde import SDE_TYPES, sde_step, sigma_schedule
+
+# guide(x_t [R, F, C, H, W], sigma [R], v [R, F, C, H, W], history [R, F_h, C, H, W] clean frames before x_t) -> v'
+Guide = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+GUIDE_T_MAX = 0.9  # t/(1-t) diverges as t -> 1 (x̂0 is pure noise there): the factor is clamped at 0.9/0.1 = 9
 
 
 @dataclass
@@ -91,6 +99,7 @@ def sample(
     noise: Tensor | None = None,
     on_chunk: Callable[[int, RollingKVCache], None] | None = None,
     sigmas: Tensor | None = None,
+    guide: Guide | None = None,
 ) -> Trajectory:
     """Generate G = group_size clips per prompt (cond [P, ...] from model.encode_prompts) with `steps` sampler steps.
 
@@ -102,6 +111,9 @@ def sample(
     on_chunk(j, cache): called in causal mode before chunk j is denoised (inspection, benchmarks).
     sigmas: an explicit schedule [steps + 1] from 1 to 0 instead of `sigma_schedule(steps, shift)` (e.g. a
         distilled model's step list).
+    guide: reward guidance (e.g. policy.rollout.RewardGuide.for_prompts): called at every step with the frames being
+        denoised (the whole clip, or the current chunk) and the clean frames generated before them; its velocity is
+        the one stepped (and scored in the log-prob).
     """
     shp = model.shape
     _check_common(cond, sde_type, eta)
@@ -156,6 +168,8 @@ def sample(
                 v = model.velocity_chunk(x, s, cur_ids, cache, j * c)
             else:
                 v = model.velocity(x, s, cur_ids)
+            if guide is not None:
+                v = guide(x, s, v, latents[rows, steps, : j * c])
             step = sde_step(
                 sde_type, x, v, float(sigmas[k]), float(sigmas[k + 1]), eta, noise=noise[rows, k + 1, frames]
             )
@@ -175,6 +189,18 @@ def sample(
         sde_type=sde_type,
         eta=eta,
     )
+
+
+def guided_velocity(v: Tensor, sigma: Tensor, grad: Tensor, weight: float, beta: float) -> Tensor:
+    """VideoAlign reward guidance (MATH.md §3): v' = v − (t/(1−t))·(w/β)·∇_{x_t} r.
+
+    v, grad [B, ...] (grad = ∇_{x_t} r(x̂0), x̂0 = x_t − t·v); sigma [B] = t. The factor turns a reward gradient into a
+    score shift (v = −(x + t·score)/(1 − t)); it is clamped at t = GUIDE_T_MAX, where it would diverge at t = 1.
+    Weight 0 returns v exactly.
+    """
+    t = sigma.to(v.dtype).clamp(max=GUIDE_T_MAX)
+    factor = (t / (1 - t)) * (weight / beta)
+    return v - factor.view(-1, *([1] * (v.dim() - 1))) * grad.to(v.dtype)
 
 
 def recompute_log_probs(
