@@ -1,8 +1,10 @@
 """The ledger: where every trajectory group is, so "nothing lost, nothing counted twice" is checkable.
 
 A group moves produced -> scored -> consumed, or leaves as dropped (stale, a data error,
-or unused at the end of the run). `retried` counts re-executions after an actor failure;
-a retry never moves a group twice because each transition is keyed by the group id.
+low_signal: scored but re-sampled by dynamic grouping, or unused at the end of the run). `retried`
+counts re-executions after an actor failure; a retry never moves a group twice because each
+transition is keyed by the group id. `low_signal_kept` counts low-signal groups trained anyway
+(their prompt was re-sampled as often as allowed).
 
 Invariant (`balance(held)`): every produced id is consumed, dropped, or still held by the
 pipeline (`held`: the ids in its queues), in exactly one of those; `lost` counts produced ids
@@ -23,6 +25,7 @@ class Ledger:
     dropped: dict[str, str] = field(default_factory=dict)  # id -> reason
     retried: int = 0
     skipped_samples: int = 0  # single samples removed for data errors (their group goes on)
+    low_signal_kept: int = 0
 
     def _move(self, gid: str, into: set[str], requires: set[str], what: str) -> None:
         if gid in into:
@@ -62,6 +65,8 @@ class Ledger:
             "pending": len(held),
             "retried": self.retried,
             "skipped_samples": self.skipped_samples,
+            "low_signal": reasons.get("low_signal", 0),  # re-samples (dynamic grouping), 0 when off
+            "low_signal_kept": self.low_signal_kept,
             "lost": len(lost),
             "counted_twice": twice,
             "balanced": not lost and not twice and set(held) <= self.produced,
@@ -69,9 +74,10 @@ class Ledger:
 
     def state_dict(self) -> dict:
         return {"produced": sorted(self.produced), "scored": sorted(self.scored), "consumed": sorted(self.consumed),
-                "dropped": dict(self.dropped), "retried": self.retried, "skipped_samples": self.skipped_samples}
+                "dropped": dict(self.dropped), "retried": self.retried, "skipped_samples": self.skipped_samples,
+                "low_signal_kept": self.low_signal_kept}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Ledger:
         return cls(set(d["produced"]), set(d["scored"]), set(d["consumed"]), dict(d["dropped"]),
-                   d["retried"], d["skipped_samples"])
+                   d["retried"], d["skipped_samples"], d.get("low_signal_kept", 0))  # older checkpoints lack it

@@ -9,7 +9,10 @@ Guarantees:
 - a rollout whose actor died is re-run (same group id and seed) on another actor after the
   latest weights are re-sent to the restarted one, and counted as retried; reward batches are
   retried by their pool. Every group id is produced, scored and consumed at most once (the
-  ledger refuses anything else) and is always somewhere the ledger can see.
+  ledger refuses anything else) and is always somewhere the ledger can see;
+- dynamic grouping (Self-Paced GRPO): a scored group whose trained rewards barely differ is dropped as low_signal
+  (its slot given back) and its prompt re-sampled as a new group (new id, new seed), at most max_resamples times
+  per prompt; then the next low-signal group of that prompt is trained as it is (counted as low_signal_kept).
 The driver only ever holds references and small metadata; payloads stay in the object store.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +31,7 @@ from actors.failures import InfraError
 from orchestrator.ledger import Ledger
 from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
+from rewards.advantages import low_signal_groups
 from rewards.errors import DataError
 
 
@@ -43,6 +48,14 @@ class Group:
     rewards: dict[str, np.ndarray] = field(default_factory=dict)
     pending_pools: set[str] = field(default_factory=set)
     rollout_seconds: float = 0.0
+    resamples: int = 0  # earlier groups of this prompt dropped as low-signal (dynamic grouping)
+
+
+def is_low_signal(rewards: dict[str, np.ndarray], channels: Sequence[str], min_std: float) -> bool:
+    """A group carries no signal when every channel's within-group (unbiased) std is below min_std.
+    rewards: {name: [G]}; channels: the names the learner trains on."""
+    r = np.stack([rewards[c] for c in channels], axis=1)
+    return low_signal_groups(r, np.zeros(len(r), dtype=np.int64), min_std)[0]
 
 
 class PromptCursor:
@@ -68,7 +81,10 @@ class PromptCursor:
 class Pipeline:
     def __init__(self, workers: list, pools: dict[str, RewardPool], reward_names: dict[str, list[str]],
                  prompts: PromptCursor, staleness: StalenessManager, ledger: Ledger, seed: int,
-                 next_group: int = 0, per_worker: int = 2, group_size: int = 1):
+                 next_group: int = 0, per_worker: int = 2, group_size: int = 1, dynamic_grouping=None,
+                 signal_rewards: Sequence[str] = ()):
+        """dynamic_grouping: `rollout.dynamic_grouping` (min_std, max_resamples) or None; signal_rewards: the reward
+        names whose spread counts as signal (the learner's channels)."""
         self.workers, self.pools, self.reward_names = workers, pools, reward_names
         self.prompts, self.staleness, self.ledger = prompts, staleness, ledger
         self.seed, self.next_group, self.per_worker, self.group_size = seed, next_group, per_worker, group_size
@@ -77,6 +93,8 @@ class Pipeline:
         self.ready: deque[Group] = deque()
         self.weights: tuple[int, ray.ObjectRef] | None = None
         self.rollout_busy_s = 0.0
+        self.dynamic_grouping, self.signal_rewards = dynamic_grouping, list(signal_rewards)
+        self.resample: deque[tuple[str, int]] = deque()  # (prompt, re-samples so far), started before new prompts
 
     # -- weights ---------------------------------------------------------------------------
     def publish(self, version: int, weights_ref: ray.ObjectRef) -> None:
@@ -97,7 +115,8 @@ class Pipeline:
         budget = self.staleness.capacity(learner_version)
         while budget > 0 and min(load) < self.per_worker:
             gid = f"g{self.next_group:06d}"
-            group = Group(gid, self.prompts.next(), seed=self.seed * 1_000_003 + self.next_group)
+            prompt, resamples = self.resample.popleft() if self.resample else (self.prompts.next(), 0)
+            group = Group(gid, prompt, seed=self.seed * 1_000_003 + self.next_group, resamples=resamples)
             self.next_group += 1
             self.staleness.start()
             budget -= 1
@@ -157,7 +176,18 @@ class Pipeline:
                 group.pending_pools.discard(name)
                 if not group.pending_pools:
                     self.ledger.score(gid)
-                    self.ready.append(self.scoring.pop(gid))
+                    self._ready_or_resample(self.scoring.pop(gid))
+
+    def _ready_or_resample(self, group: Group) -> None:
+        dg = self.dynamic_grouping
+        if dg is None or not is_low_signal(group.rewards, self.signal_rewards, dg.min_std):
+            self.ready.append(group)
+        elif group.resamples < dg.max_resamples:
+            self._drop(group.gid, "low_signal")
+            self.resample.append((group.prompt, group.resamples + 1))
+        else:  # bounded: the prompt keeps giving identical rewards, train it as it is
+            self.ledger.low_signal_kept += 1
+            self.ready.append(group)
 
     def _drop(self, gid: str, reason: str) -> None:
         """A group that will never be trained gives its admission slot back (AReaL counts only accepted rollouts):
@@ -173,14 +203,19 @@ class Pipeline:
 
     # -- what the learner sees ------------------------------------------------------------
     def learner_step(self, learner, version: int, n: int, primary: str, taus: dict[str, float],
-                     lambdas: dict[str, float]) -> tuple[list[Group], dict, float]:
+                     lambdas: dict[str, float], channel_weights: Callable[[list[Group]], dict[str, float]] | None = None,
+                     ) -> tuple[list[Group], dict, float]:
         """One learner step on the next `n` scored groups, rollout and reward moving on meanwhile; then weights
-        version + 1 are published and the groups consumed. -> (batch, learner stats, seconds waited for the batch)."""
+        version + 1 are published and the groups consumed. -> (batch, learner stats, seconds waited for the batch).
+
+        channel_weights: batch -> {reward: weight}, extra advantage channels decided from the batch itself (the
+        self-paced curriculum reads its quality); None: the learner's SCRL channels only."""
         t0 = time.perf_counter()
         batch = self.next_batch(n, learner_version=version)
         waited = time.perf_counter() - t0
+        extra = {} if channel_weights is None else {"channel_weights": channel_weights(batch)}
         update = learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch], primary, taus,
-                                           lambdas)
+                                           lambdas, **extra)
         while not ray.wait([update], timeout=0.02)[0]:
             self.pump(version)
         stats = ray.get(update)

@@ -2,6 +2,7 @@
 
 Reads `metrics.parquet` (orchestrator.metrics), `summary.json` and `samples/before.npz` / `samples/after.npz`
 (`videos` uint8 [N, T, H, W, 3], `prompts` str [N]); every piece is optional and a missing one becomes a note.
+`long_eval.json` (`videorl eval --frames N` on the run's final policy) adds the quality-vs-window-position plot.
 Plots also land as PNG in `run_dir/plots/`. Matplotlib is used through `Figure` only (Agg, no pyplot state).
 
 summary.json, as read here (extra keys are shown in an "other" table):
@@ -119,10 +120,16 @@ def plot_throughput(metrics: dict[str, np.ndarray]) -> Figure | None:
     )
 
 
+def plot_curriculum(metrics: dict[str, np.ndarray]) -> Figure | None:
+    """Self-paced curriculum: `curriculum/w_*` channel weights and the `curriculum/competence` they follow."""
+    return _panel_groups(metrics, [("curriculum/w_", "channel weights"), ("curriculum/competence", "competence")])
+
+
 PLOTS = (  # file stem, figure maker, caption
     ("rewards", plot_rewards, "Rewards per dimension"),
     ("constraints", plot_constraints, "Constraints: reward vs threshold τ, and the Lagrange multiplier λ(t)"),
     ("kl_losses", plot_kl_losses, "KL and losses"),
+    ("curriculum", plot_curriculum, "Self-paced curriculum: channel weights follow the competence (EMA of batch quality)"),
     ("throughput", plot_throughput, "Throughput, staleness and queues"),
 )
 
@@ -256,6 +263,17 @@ def write_report(run_dir: str | Path) -> Path:
             notes.append("metrics.parquet has no reward/, lambda/, tau/, kl, loss/, throughput/ or staleness/ columns")
     else:
         notes.append(f"no {METRICS_FILE}: no training curves")
+
+    long_eval = run_dir / "long_eval.json"  # written by `videorl eval --frames N --checkpoint RUN/final`
+    if long_eval.exists():
+        from orchestrator.evaluation import plot_long_eval
+
+        data = json.loads(long_eval.read_text())
+        (run_dir / "plots").mkdir(exist_ok=True)
+        plot_long_eval(data).savefig(run_dir / "plots" / "long_eval.png", dpi=90)
+        caption = f"Long videos: quality per {data['window']}-frame window of {data['frames']} frames"
+        body.append(f"<h2>{html.escape(caption)}</h2>"
+                    + _img("image/png", (run_dir / "plots" / "long_eval.png").read_bytes(), caption))
 
     cells = []
     for which in ("before", "after"):

@@ -3,7 +3,8 @@
     publish weights v0
     for step:
         batch  = next scored groups (rollout keeps running ahead, at most max_staleness versions)
-        stats  = learner.update(batch, λ)        # GDPO over (R_f, -ReLU(τ - R_c)) channels weighted (1, λ)
+        w      = curriculum.update(batch means)  # optional self-paced channel weights (competence EMA)
+        stats  = learner.update(batch, λ, w)     # GDPO over (R_f, -ReLU(τ - R_c)[, curriculum]) weighted (1, λ[, w])
         λ      = controller.update(batch means)  # PID Lagrangian on the constraint violations
         publish weights v(step+1)
         log, checkpoint
@@ -36,6 +37,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.metrics import DashboardMetrics, MetricsLog
 from orchestrator.pipeline import Group, Pipeline, PromptCursor
 from orchestrator.staleness import StalenessManager
+from rewards.curriculum import SelfPacedCurriculum, check_curriculum_rewards
 
 
 class Run:
@@ -49,6 +51,7 @@ class Run:
         self.step, self.next_group, self.rollout_rows = 0, 0, []
         self.lambdas = {c: 0.0 for c in taus}
         self.controller_state = ray.get(actors.controller.state_dict.remote())  # as of the last update: survives a controller restart
+        self.curriculum = SelfPacedCurriculum(cfg.rewards.curriculum) if cfg.rewards.curriculum else None
         self.samples = 0
         self.started = time.perf_counter()
 
@@ -60,6 +63,7 @@ class Run:
             "step": self.step, "next_group": self.next_group, "cursor": self.cursor.state_dict(), "held": sorted(held),
             "ledger": self.ledger.state_dict(), "learner": learner_state, "samples": self.samples,
             "controller": self.controller_state, "lambdas": self.lambdas,
+            "curriculum": self.curriculum.state_dict() if self.curriculum else None,
         }
         save_checkpoint(self.dir, self.step, tensors, state)
         _write_parquet(self.rollout_rows, self.dir / "rollouts.parquet")
@@ -74,6 +78,8 @@ class Run:
         self.step, self.next_group, self.samples, self.lambdas = s["step"], s["next_group"], s["samples"], s["lambdas"]
         self.cursor.epoch, self.cursor.index = s["cursor"]["epoch"], s["cursor"]["index"]
         self.ledger = Ledger.from_state_dict(s["ledger"])
+        if self.curriculum and s.get("curriculum"):
+            self.curriculum.load_state_dict(s["curriculum"])
         for gid in s["held"]:
             self.ledger.drop(gid, "interrupted")
         rollouts = self.dir / "rollouts.parquet"
@@ -107,8 +113,12 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     # groups admitted before a restart were consumed or dropped, so admission restarts from the step
     staleness = StalenessManager(cfg.train.groups_per_step, cfg.train.max_staleness,
                                  started=run.step * cfg.train.groups_per_step)
+    curriculum = cfg.rewards.curriculum
+    channels = dict.fromkeys([primary, *taus, *(curriculum.rewards if curriculum else [])])  # what the learner trains on
     pipe = Pipeline(actors.rollouts, actors.pools, actors.reward_names, run.cursor, staleness, run.ledger,
-                    seed=cfg.train.seed, next_group=run.next_group, group_size=cfg.rollout.group_size)
+                    seed=cfg.train.seed, next_group=run.next_group, group_size=cfg.rollout.group_size,
+                    dynamic_grouping=cfg.rollout.dynamic_grouping, signal_rewards=list(channels))
+    channel_weights = (lambda batch: run.curriculum.update(batch_means(batch))) if run.curriculum else None
     log = MetricsLog(run_dir, start_step=run.step)
     dash = DashboardMetrics()
     pipe.publish(run.step, actors.learner.weights.remote())
@@ -119,7 +129,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     while run.step < cfg.train.steps and not (stop and stop.is_set()):
         t0 = time.perf_counter()
         batch, stats, waited = pipe.learner_step(actors.learner, run.step, cfg.train.groups_per_step, primary, taus,
-                                                 run.lambdas)
+                                                 run.lambdas, channel_weights)
         means = batch_means(batch)
         lambdas_used = dict(run.lambdas)
         run.lambdas, run.controller_state = ray.get(
@@ -163,6 +173,9 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
            "idle/rollout": 1.0 - min(1.0, pipe.rollout_busy_s / (len(pipe.workers) * wall)),
            **{f"queue/{k}": v for k, v in pipe.depths().items()},
            **{f"ledger/{k}": v for k, v in run.ledger.balance(pipe.held()).items() if isinstance(v, int)}}
+    if run.curriculum:  # the weights this step trained with, and the competence they came from
+        row["curriculum/competence"] = run.curriculum.competence
+        row.update({f"curriculum/w_{r}": w for r, w in run.curriculum.weights().items()})
     return row
 
 
@@ -235,6 +248,9 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     if resume_from is not None:
         _check_same_base(cfg, resume_from, inputs.base.key)
     write_resolved_config(cfg, run_dir)
+    if cfg.rewards.curriculum:  # a given reward checkpoint's dimensions are known only now, before any actor
+        check_curriculum_rewards(cfg.rewards.curriculum, {cfg.rewards.models[n].prefix + d
+                                                          for n, dims in inputs.reward_dims.items() for d in dims})
     actors = start_actors(cfg, inputs.base, inputs.reward_checkpoints, inputs.reward_dims, inputs.taus)
     try:
         with _stop_on_signals(stop):
