@@ -48,15 +48,21 @@ def cmd_eval(args) -> None:
 
     cfg = _config(args)
     checkpoint = _checkpoint_arg(cfg, args.checkpoint)
+    guide = _guide_arg(cfg, args)
     model = load_policy(cfg.model, checkpoint)
+    if guide is not None:
+        guide.model.to(model.device)
     samplers = args.sampler or [cfg.eval.sampler]
     eta = cfg.eval.eta if args.eta is None else args.eta
     out = Path(args.out)
+    if args.frames is not None:
+        return _eval_long(cfg, args, model, checkpoint, guide, samplers, eta, out)
     rows, results = [], {}
     for sampler in samplers:
         start = time.perf_counter()
         res = evaluate(model, sampler=sampler, eta=eta if sampler != "ode" else 0.0, steps=cfg.eval.steps, shift=cfg.eval.shift,
-                       mode=args.mode or cfg.rollout.mode, seeds_per_prompt=cfg.eval.seeds_per_prompt, seed=cfg.eval.seed)
+                       mode=args.mode or cfg.rollout.mode, seeds_per_prompt=cfg.eval.seeds_per_prompt, seed=cfg.eval.seed,
+                       guide=guide)
         means = res.means()
         rows.append({"sampler": sampler, "eta": eta if sampler != "ode" else 0.0, **means, "clips": len(res.prompts),
                      "seconds": round(time.perf_counter() - start, 1)})
@@ -64,8 +70,91 @@ def cmd_eval(args) -> None:
         save_gif(res.videos[:: cfg.eval.seeds_per_prompt], out / f"samples_{sampler}.gif")
     print(format_table(rows, ["sampler", "eta", *DIMENSIONS, "clips", "seconds"]))
     write_json({"checkpoint": str(checkpoint or cfg.model.path), "mode": args.mode or cfg.rollout.mode,
-                "results": results}, out / "eval.json")
+                "guidance": _guidance_info(args), "results": results}, out / "eval.json")
     print(f"wrote {out / 'eval.json'} and GIF grids in {out}/")
+
+
+def _guidance_info(args) -> dict | None:
+    if args.guidance is None:
+        return None
+    return {"reward": args.guidance, "weight": args.guidance_weight, "beta": args.guidance_beta}
+
+
+def _reward_checkpoints(cfg, names: list[str]) -> dict[str, str | None]:
+    """Checkpoints of the named reward models: the configured ones, else trained once and cached (as `videorl train`
+    does; that needs the cached base)."""
+    from orchestrator.inputs import reward_checkpoints
+    from orchestrator.pretraining import base_policy
+
+    specs = {n: cfg.rewards.models[n] for n in names}
+    if all(s.checkpoint or s.kind == "oracle" for s in specs.values()):
+        return {n: s.checkpoint for n, s in specs.items()}
+    sub = cfg.model_copy(deep=True)
+    sub.rewards.models = specs
+    return reward_checkpoints(sub, base_policy(sub))
+
+
+def _guide_arg(cfg, args):
+    """--guidance NAME (a differentiable reward of the config) -> a RewardGuide, or None. Checked before any work."""
+    if args.guidance is None:
+        return None
+    from orchestrator.config import guidance_source
+    from policy.rollout import RewardGuide
+
+    if cfg.model.kind != "videodit":
+        raise ValueError(f"--guidance differentiates a pixel-space reward: model.kind=videodit, not {cfg.model.kind}")
+    if args.guidance_weight < 0 or args.guidance_beta <= 0:
+        raise ValueError(f"--guidance-weight must be >= 0 and --guidance-beta > 0, got {args.guidance_weight} and "
+                         f"{args.guidance_beta}")
+    name, dim = guidance_source(cfg, args.guidance)
+    checkpoint = _reward_checkpoints(cfg, [name])[name]
+    return RewardGuide.from_checkpoint(checkpoint, dim, args.guidance_weight, args.guidance_beta)
+
+
+def _eval_long(cfg, args, model, checkpoint, guide, samplers, eta, out: Path) -> None:
+    """`videorl eval --frames N`: stream N-frame videos, score every clip-length window (oracle and, unless
+    --oracle-only, the learned reward models); table, long_eval.json, long_eval.png, a GIF; the run's report too."""
+    from orchestrator.evaluation import LONG_EVAL_FILE, evaluate_long, long_eval_json, long_eval_rows, plot_long_eval
+    from orchestrator.inputs import score_all
+    from orchestrator.media import save_gif
+    from orchestrator.tables import format_table, write_json
+    from policy.backend import video_shape
+    from rewards.scorer import RewardScorer
+
+    if (args.mode or cfg.rollout.mode) != "causal":
+        raise ValueError("--frames streams long videos with the rolling KV cache: it needs --mode causal")
+    if len(samplers) > 1:
+        raise ValueError("--frames evaluates one sampler at a time; pass a single --sampler")
+    sampler = samplers[0]
+    score = None
+    learned = [n for n, s in cfg.rewards.models.items() if s.kind != "oracle"]
+    if learned and not args.oracle_only:
+        ckpts = _reward_checkpoints(cfg, learned)
+        models = {n: RewardScorer(cfg.rewards.models[n].kind, ckpts[n], (*video_shape(cfg.model), 3)) for n in learned}
+
+        def score(videos, prompts):
+            return score_all(cfg, models, videos, prompts)
+
+    start = time.perf_counter()
+    res = evaluate_long(model, frames=args.frames, stride=args.stride, sampler=sampler,
+                        eta=eta if sampler != "ode" else 0.0, steps=cfg.eval.steps, shift=cfg.eval.shift,
+                        seeds_per_prompt=cfg.eval.seeds_per_prompt, seed=cfg.eval.seed, score=score, guide=guide)
+    data = long_eval_json(res, checkpoint=str(checkpoint or cfg.model.path), sampler=sampler,
+                          guidance=_guidance_info(args), seconds=round(time.perf_counter() - start, 1))
+    rows = long_eval_rows(data)
+    print(f"{args.frames}-frame videos ({len(res.prompts)} clips, {sampler}), scored per {res.window}-frame window "
+          f"(stride {data['stride']})")
+    print(format_table(rows))
+    paths = [write_json(data, out / LONG_EVAL_FILE)]
+    plot_long_eval(data).savefig(out / "long_eval.png", dpi=100)
+    save_gif(res.videos[:: cfg.eval.seeds_per_prompt], out / f"long_samples_{sampler}.gif")
+    run_dir = Path(checkpoint).parent if checkpoint is not None and Path(checkpoint).name == "final" else None
+    if run_dir is not None and (run_dir / "summary.json").is_file():  # a run's final policy: its report shows the plot
+        from orchestrator.report import write_report
+
+        paths.append(write_json(data, run_dir / LONG_EVAL_FILE))
+        paths.append(write_report(run_dir))
+    print(f"wrote {', '.join(map(str, paths))}, {out / 'long_eval.png'} and a GIF in {out}/")
 
 
 def _checkpoint_arg(cfg, given: str | None) -> Path | None:
@@ -258,6 +347,23 @@ def cmd_compare(args) -> None:
     print(f"\nwrote {path} and {out / 'compare_lambda.png'}")
 
 
+def cmd_claims(args) -> None:
+    from orchestrator.claims import load_claims, run_claims, summary_rows
+    from orchestrator.tables import format_table
+
+    names = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    claims = load_claims(names, args.claims_dir, seeds=args.seeds, overrides=overrides)  # every run checked first
+    out = Path(args.out)
+    start = time.perf_counter()
+    failed = run_claims(claims, out)
+    print(format_table(summary_rows(out, [c.name for c in claims]), ["claim", "verdict", "why"]))
+    print(f"\nwrote {out / 'claims.json'} and {out / 'claims.html'} ({time.perf_counter() - start:.0f} s)")
+    if failed:
+        print(f"{len(failed)} run(s) failed:\n" + "\n".join(failed), file=sys.stderr)
+        raise SystemExit(1)
+
+
 def cmd_bench_kvcache(args) -> None:
     from orchestrator.tables import format_table, write_json
     from policy.backend import init_policy
@@ -343,6 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="SDE noise level (default eval.eta)")
     p.add_argument("--mode", choices=["bidirectional", "causal"], help="attention mode (default rollout.mode)")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    p.add_argument("--frames", type=int, help="long-video evaluation: stream N-frame videos (causal) and score every "
+                                              "training-clip-length window; writes long_eval.json and long_eval.png")
+    p.add_argument("--stride", type=int, help="--frames: frames between window starts (default: the clip length, "
+                                              "consecutive windows; a multiple of model.chunk)")
+    p.add_argument("--oracle-only", action="store_true", help="--frames: skip the learned reward models")
+    p.add_argument("--guidance", metavar="REWARD", help="reward-guided sampling (VideoAlign) through this "
+                                                        "differentiable reward (a videoreward dimension, e.g. ta)")
+    p.add_argument("--guidance-weight", type=float, default=1.0, help="guidance weight w (default 1)")
+    p.add_argument("--guidance-beta", type=float, default=1.0, help="guidance temperature β (default 1)")
 
     p = add("train", cmd_train, "RL post-training on a Ray cluster (default: configs/tiny.yaml on a local cluster)")
     p.add_argument("--address", help="Ray cluster address (default: ray.address, $RAY_ADDRESS, else a local cluster)")
@@ -400,6 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(func=cmd_compare)
 
+    help_text = "test each paper's claim over seeds (configs/claims/*.yaml): claims.json and claims.html"
+    p = sub.add_parser("claims", help=help_text, description=help_text + "; finished runs are reused")
+    p.add_argument("items", nargs="*", metavar="NAME | key.sub=value",
+                   help="claims to run (default: all) and overrides for every run (e.g. train.steps=20)")
+    p.add_argument("--seeds", type=int, help="seeds per claim (default: each claim's `seeds`)")
+    p.add_argument("--out", default="runs/claims", help="output folder (default runs/claims)")
+    p.add_argument("--claims-dir", help="folder of claim YAMLs (default configs/claims)")
+    p.set_defaults(func=cmd_claims)
+
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bsub.add_parser("kvcache", help="rolling KV cache: per-chunk time and cache bytes vs length; shared-prefix groups")
@@ -435,8 +559,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ProgressLines:
+    """stderr when it is not a terminal (a log file, `ray job logs`): each progress-bar redraw becomes its own line,
+    at most one every 30 s per bar (tqdm reads TQDM_MININTERVAL), instead of one long line of carriage returns."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text.replace("\r", "\n").replace("\n\n", "\n"))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty() and not isinstance(sys.stderr, _ProgressLines):
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+        sys.stderr = _ProgressLines(sys.stderr)
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -15,8 +15,9 @@ from actors.controller import controller_actor
 from actors.learner import learner_actor
 from actors.reward import reward_actor
 from actors.rollout import rollout_actor
-from orchestrator.config import Config
+from orchestrator.config import Config, guidance_source
 from orchestrator.reward_pool import RewardPool
+from policy.learner import check_rewards
 
 
 def connect(cfg: Config, address: str | None = None) -> None:
@@ -64,15 +65,28 @@ def check_fits(cfg: Config) -> None:
                              f"lower ray.rollout_workers / ray.*_{what.lower()}s / rewards.models.*.num_{what.lower()}s")
 
 
+def guidance_kwargs(cfg: Config, reward_checkpoints: dict[str, str | None]) -> dict | None:
+    """What a rollout worker needs to guide its sampler (rollout.guidance): the reward model's checkpoint, the
+    dimension, w and β; None when unguided."""
+    g = cfg.rollout.guidance
+    if g is None:
+        return None
+    name, dim = guidance_source(cfg, g.reward, "rollout.guidance.reward")
+    return {"checkpoint": reward_checkpoints[name], "dim": dim, "weight": g.weight, "beta": g.beta}
+
+
 def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
                  reward_dims: dict[str, tuple[str, ...]], taus: dict[str, float]) -> RunActors:
     """Every actor of a run (call `check_fits` first: an actor that cannot be placed waits forever).
     base: `orchestrator.pretraining.Base`; its prompt table goes to the store once and every rollout actor reads it."""
+    # the learner's extra reward names (selective KL) are known to exist only now (a checkpoint's dims): before any actor
+    check_rewards(cfg.learner, [s.prefix + d for n, s in cfg.rewards.models.items() for d in reward_dims[n]])
     base_path = None if base.path is None else str(base.path)
     r = cfg.rollout
     table = None if base.prompt_table is None else [ray.put(base.prompt_table)]  # one copy in the store for all actors
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
-                          shared_prefix=r.shared_prefix, dtype=r.dtype, prompt_table=table)
+                          shared_prefix=r.shared_prefix, dtype=r.dtype, prompt_table=table, frames=r.frames,
+                          guidance=guidance_kwargs(cfg, reward_checkpoints))
     rollouts = [rollout_actor(i, cfg.model, base_path, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
                               num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
     pools, names = {}, {}
@@ -83,6 +97,7 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
         pools[name] = RewardPool(name, spawn, spec.replicas)
         names[name] = [spec.prefix + d for d in reward_dims[name]]
     learner = learner_actor(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
-                            num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, base_key=base.key)
+                            num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, base_key=base.key,
+                            sum_norm=cfg.constraints.sum_norm)
     controller = controller_actor(cfg.constraints.model_dump(), taus)
     return RunActors(rollouts, pools, names, learner, controller, control_actor(list(pools)), table)

@@ -20,10 +20,11 @@ from orchestrator.autoscale import AutoscaleConfig
 from orchestrator.chaos import ChaosConfig
 from orchestrator.hashing import POLICY_CODE, code_version, fingerprint
 from orchestrator.reward_training import EngagementConfig, RewardTrainConfig
-from policy.learner import LearnerConfig
+from policy.learner import LearnerConfig, check_rewards
 from policy.model import ModelConfig
 from policy.wan.config import WanConfig
 from rewards.constraints import ConstraintsConfig
+from rewards.curriculum import CurriculumConfig, check_curriculum_rewards
 from rewards.preference import PreferenceDataConfig
 from rewards.world import VOCAB, FlawConfig
 
@@ -57,6 +58,23 @@ class PretrainConfig(Section):
     seed: int = 0
 
 
+class DynamicGroupingConfig(Section):
+    """Self-Paced GRPO's dynamic grouping: a scored group whose every trained reward has a within-group std below
+    `min_std` carries no signal; it is dropped (ledger: low_signal) and its prompt re-sampled with a new seed, at
+    most `max_resamples` times per prompt, after which it is trained as it is."""
+
+    min_std: float = Field(gt=0)  # reward units
+    max_resamples: int = Field(2, ge=1)
+
+
+class GuidanceConfig(Section):
+    """VideoAlign reward-guided sampling: v' = v − (t/(1−t))·(w/β)·∇_{x_t} r(x̂0) at every sampler step."""
+
+    reward: str  # a reward name of a differentiable model (a videoreward model's prefix + dimension, e.g. ta)
+    weight: float = Field(1.0, ge=0)  # w; 0 samples exactly as unguided
+    beta: float = Field(1.0, gt=0)  # β, the KL temperature the weight is divided by
+
+
 class RolloutConfig(Section):
     mode: Literal["bidirectional", "causal"] = "causal"
     dtype: Literal["float32", "bfloat16", "float64"] | None = None  # the rollout copy's model dtype; None = model.dtype
@@ -68,12 +86,23 @@ class RolloutConfig(Section):
     # causal: each group draws a history of 0..n-1 chunks generated once and shared by its G candidates (Astrolabe);
     # false: the G candidates differ from the first frame (every group varies what the first chunk decides)
     shared_prefix: bool = True
+    dynamic_grouping: DynamicGroupingConfig | None = None
+    # streaming long tuning (Astrolabe, causal): rollouts up to this many frames; each group's shared history is
+    # 0 .. (frames - model.frames) / chunk chunks, then the G candidates make one model.frames clip window, the one
+    # rewarded and trained. None: one clip per rollout (history inside it, as shared_prefix says)
+    frames: int | None = Field(None, gt=0)
+    guidance: GuidanceConfig | None = None  # reward-guided rollouts (VideoAlign); None: the policy's own sampler
 
     @model_validator(mode="after")
     def _prefix_needs_causal(self):
         if not self.shared_prefix and self.mode != "causal":
             raise ValueError("rollout.shared_prefix=false applies to causal rollouts; a bidirectional group shares "
                              "no history")
+        if self.frames is not None and self.mode != "causal":
+            raise ValueError("rollout.frames (streaming long tuning) needs rollout.mode=causal: a bidirectional "
+                             "clip is at most model.frames long")
+        if self.frames is not None and not self.shared_prefix:
+            raise ValueError("rollout.frames: streaming candidates share their history; drop rollout.shared_prefix=false")
         return self
 
 
@@ -111,6 +140,16 @@ class RewardsConfig(Section):
     reward_model: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
     engagement: EngagementConfig = EngagementConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    curriculum: CurriculumConfig | None = None  # Self-Paced GRPO channel weights over these rewards
+
+
+def known_reward_names(rewards: RewardsConfig) -> set[str] | None:
+    """The reward names the run's models give, from the config alone; None when a given videoreward checkpoint
+    decides its dimensions (then they are checked once the checkpoints are known)."""
+    dims = {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",), "videoreward": tuple(rewards.reward_model.model.dims)}
+    if any(s.kind == "videoreward" and s.checkpoint for s in rewards.models.values()):
+        return None
+    return {s.prefix + d for s in rewards.models.values() for d in dims[s.kind]}
 
 
 class TrainConfig(Section):
@@ -192,11 +231,63 @@ class Config(Section):
         if self.model.kind == "wan" and self.rollout.mode != "bidirectional":
             raise ValueError("model.kind=wan attends over the whole clip: set rollout.mode=bidirectional "
                              "(or model.kind=wan_causal for chunk-causal streaming)")
+        if self.rollout.group_size < 2 and self.learner.loss in ("flow_dpo", "sft"):
+            raise ValueError(f"rollout.group_size={self.rollout.group_size}: learner.loss={self.learner.loss} needs a "
+                             "winner (and a loser) in each group, so groups of at least 2")
+        if self.constraints.sum_norm and self.learner.loss in ("flow_dpo", "sft"):
+            raise ValueError(f"constraints.sum_norm rescales advantages, which learner.loss={self.learner.loss} only "
+                             "ranks within each group: it would change nothing")
         if self.rollout.group_size < 2 and self.learner.advantage in ("grpo", "gdpo"):
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: {self.learner.advantage} needs groups of at least 2")
         if self.learner.loss == "ppo" and self.rollout.sampler == "ode":
             raise ValueError("learner.loss=ppo needs a stochastic rollout.sampler (ode steps have no log-probability)")
+        if self.rewards.curriculum is not None and (known := known_reward_names(self.rewards)) is not None:
+            check_curriculum_rewards(self.rewards.curriculum, known)
+        if self.learner.selective_kl is not None and (known := known_reward_names(self.rewards)) is not None:
+            check_rewards(self.learner, known)  # a given videoreward checkpoint: checked when the actors start
         return self
+
+    @model_validator(mode="after")
+    def _streaming_and_guidance(self) -> Config:
+        r, m = self.rollout, self.model
+        if r.frames is not None:
+            if m.kind != "videodit":
+                raise ValueError(f"rollout.frames (streaming long tuning) is implemented for model.kind=videodit, "
+                                 f"not {m.kind}")
+            if r.frames % m.chunk or r.frames < m.frames:
+                raise ValueError(f"rollout.frames={r.frames} must be a multiple of model.chunk={m.chunk} and at "
+                                 f"least model.frames={m.frames}")
+        if r.guidance is not None:
+            if m.kind != "videodit":
+                raise ValueError(f"rollout.guidance differentiates a pixel-space reward through x̂0: model.kind="
+                                 f"videodit (latents are pixels), not {m.kind}")
+            if self.learner.loss == "ppo":
+                raise ValueError("rollout.guidance with learner.loss=ppo: the recorded log-probs are the guided "
+                                 "sampler's, so the importance ratio of the unguided policy would not start at 1; use "
+                                 "a loss on the clean clips (nft, flow_dpo, flow_rwr, sft)")
+            guidance_source(self, r.guidance.reward, "rollout.guidance.reward")
+        return self
+
+
+DIFFERENTIABLE_KINDS = ("videoreward",)  # the oracle measures pixels by thresholds; feedback mixes sampled clicks
+
+
+def guidance_source(cfg: Config, reward: str, key: str = "--guidance") -> tuple[str, str]:
+    """The (reward model name, dimension) behind reward name `reward` (prefix + dimension), which must come from a
+    differentiable model; ValueError naming `key` otherwise. A given videoreward checkpoint may have any of vq, mq,
+    ta (the guide checks its config.json when it loads it)."""
+    trained = tuple(cfg.rewards.reward_model.model.dims)
+    dims = {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",)}
+    found = {spec.prefix + d: (name, spec.kind, d) for name, spec in cfg.rewards.models.items()
+             for d in dims.get(spec.kind, ("vq", "mq", "ta") if spec.checkpoint else trained)}
+    if reward not in found:
+        raise ValueError(f"{key}: unknown reward {reward!r}; this config's rewards are {sorted(found)}")
+    name, kind, dim = found[reward]
+    if kind not in DIFFERENTIABLE_KINDS:
+        usable = sorted(r for r, (_, k, _) in found.items() if k in DIFFERENTIABLE_KINDS)
+        raise ValueError(f"{key}: reward {reward!r} comes from rewards.models.{name} (kind {kind}), which is not "
+                         f"differentiable; guide with a videoreward dimension ({', '.join(usable) or 'none configured'})")
+    return name, dim
 
 
 def default_config_path() -> Path:
@@ -278,6 +369,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Read YAML at `path` (default configs/tiny.yaml), apply overrides, validate."""
     path = Path(path) if path else default_config_path()
     raw = _read_yaml(path)
+    rewards = raw.setdefault("rewards", {})
+    if isinstance(rewards, dict) and "models" not in rewards:  # `rewards.models.X.replicas=3` tunes a default model
+        rewards["models"] = {n: s.model_dump(mode="json", exclude_unset=True) for n, s in _default_reward_models().items()}
     for text in overrides:
         apply_override(raw, *parse_override(text))
     model = raw.setdefault("model", {})

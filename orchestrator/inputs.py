@@ -116,8 +116,8 @@ def held_out_reward_means(cfg: Config, checkpoints: dict[str, str | None], model
 
 
 def calibration_path(cfg: Config, base: Base, checkpoints: dict[str, str | None]) -> Path:
-    """Keyed by the base model and reward checkpoints (their paths carry their own keys), the config, the
-    profiles' text and the calibration code."""
+    """Keyed by the base model and reward checkpoints (their paths carry their own keys), the reward names, the
+    calibration settings and rollout sampler, the profiles' text and the calibration code."""
     from rewards.calibration import profiles_dir
 
     profiles = [f.read_text() for f in sorted(profiles_dir().iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")]
@@ -125,7 +125,11 @@ def calibration_path(cfg: Config, base: Base, checkpoints: dict[str, str | None]
         profiles.append(Path(cfg.rewards.profile).read_text())
     code = code_version("orchestrator.calibrate", "orchestrator.evaluation", "orchestrator.inputs", "rewards.calibration",
                         "rewards.scorer", "rewards.oracle", *SAMPLING_CODE)
-    key = fingerprint(cfg.rewards, cfg.rollout, base.key, json.dumps(checkpoints, sort_keys=True), *profiles, code)
+    # only what the measurement depends on: a new training-only key (curriculum, replicas, ...) keeps the cached τ
+    r = cfg.rollout
+    scoring = {name: (spec.kind, spec.prefix) for name, spec in cfg.rewards.models.items()}
+    key = fingerprint(scoring, cfg.rewards.calibration, cfg.rewards.profile, (r.sampler, r.eta, r.steps, r.shift, r.mode),
+                      base.key, json.dumps(checkpoints, sort_keys=True), *profiles, code)
     return cache_dir(cfg) / f"calibration-{key}.json"
 
 

@@ -122,3 +122,23 @@ def test_recalibrating_with_another_seed_moves_tau_by_less_than_a_tenth_sigma(tm
             assert abs(a["tau"] - b["tau"]) < 0.1 * a["sigma"], (profile.name, c, a, b)
     assert min(moved) > 0, "another seed must draw other clips"
     assert runs[0]["scores"]["feedback"]["mean"] != runs[1]["scores"]["feedback"]["mean"]
+
+
+def test_calibration_cache_key_follows_only_what_the_measurement_uses(tmp_path):
+    """Training-only keys (curriculum, replicas, learner) keep the cached τ; the rollout sampler and the calibration
+    settings change it."""
+    from types import SimpleNamespace
+
+    from orchestrator.config import load_config
+    from orchestrator.inputs import calibration_path
+
+    base, ckpts = SimpleNamespace(key="base-k"), {"videoreward": "/r", "feedback": "/f", "oracle": None}
+
+    def path(*overrides):
+        return calibration_path(load_config(None, [f"cache_dir={tmp_path}", *overrides]), base, ckpts)
+
+    plain = path()
+    assert path("rewards.models.videoreward.replicas=3", "learner.lr=0.01", "train.steps=7",
+                "rewards.curriculum={kind: self_paced, thresholds: [0.1, 0.2, 0.3]}") == plain
+    assert path("rollout.eta=0.5") != plain
+    assert path("rewards.calibration.samples_per_prompt=10") != plain
