@@ -75,7 +75,8 @@ from tqdm import tqdm
 from orchestrator.config import Config, ConfigError, known_reward_names, load_config, parse_override
 from orchestrator.hashing import fingerprint
 
-SEED_KEYS = ("train.seed", "data.seed", "pretrain.seed", "rewards.preference.seed", "rewards.reward_model.seed",
+# the top-level seed sets data, pretraining, preference pairs, reward models, users, calibration and training seeds
+SEED_KEYS = ("seed", "train.seed", "data.seed", "pretrain.seed", "rewards.preference.seed", "rewards.reward_model.seed",
              "rewards.calibration.seed", "rewards.engagement.seed", "chaos.seed")
 RUNNERS = ("train", "reward_bench")
 ORACLE_DIMS = ("vq", "mq", "ta", "overall")
@@ -502,8 +503,8 @@ def run_key(cfg: Config, runner: str) -> str:
     return fingerprint(runner, json.dumps(d, sort_keys=True))
 
 
-def seed_overrides(cfg: Config, seed: int) -> list[str]:
-    return [f"{k}={seed}" for k in SEED_KEYS if not (k.startswith("pretrain.") and cfg.pretrain is None)]
+def seed_overrides(seed: int) -> list[str]:
+    return [f"seed={seed}", f"chaos.seed={seed}"]
 
 
 def read_claim(path: Path) -> Claim:
@@ -561,7 +562,7 @@ def plan_claim(claim: Claim, claims_dir: Path, seeds: int | None = None, overrid
         try:
             first = load_config(base, texts)
             for k in range(seeds or spec.seeds):
-                cfg = load_config(base, [*texts, *seed_overrides(first, k)])
+                cfg = load_config(base, [*texts, *seed_overrides(k)])
                 claim.runs.append(Run(claim.name, variant, k, cfg, spec.runner, run_key(cfg, spec.runner), long))
             for name, m in claim.metrics.items():
                 check_metric(m, first, spec.runner)
