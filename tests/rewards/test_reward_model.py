@@ -126,6 +126,33 @@ def test_vq_is_top_30_percent_mean_of_frame_scores():
     assert shuffled[0] == pytest.approx(vq, abs=1e-5)  # frame order does not matter to VQ
 
 
+def test_trajectory_token_carries_velocity_acceleration_and_brightness_change():
+    rng = np.random.default_rng(0)
+    p = world.as_prompt("a red square moving right quickly")  # 1 px per frame at size 16
+    clean = world.render(p, world.random_start(p, rng))
+    up = world.render(world.as_prompt("a red square moving up slowly"), (10.0, 8.0))  # 0.5 px per frame, row falls
+    jitter = world.degrade(clean, "jitter", 1.0, rng)
+    flicker = world.degrade(clean, "flicker", 1.0, rng)
+    t = VideoReward._trajectory(to_model_video(np.stack([clean, up, jitter, flicker]))).numpy()
+    assert t.shape == (4, 8, 8)
+    vx, vy, ax, ay, db = (t[..., k] for k in range(3, 8))
+    np.testing.assert_allclose(vx[0, 1:], 1.0, atol=0.02)  # px/frame, the asked speed and direction
+    np.testing.assert_allclose(vy[0], 0.0, atol=0.02)
+    np.testing.assert_allclose(vy[1, 1:], -0.5, atol=0.02)
+    assert vx[:, 0].tolist() == [0.0] * 4 and ax[:, [0, -1]].tolist() == [[0.0, 0.0]] * 4  # no neighbour frame
+    assert np.abs(ax[0]).max() < 0.02 and np.abs(ax[2]).mean() > 0.5 and np.abs(ay[2]).mean() > 0.5  # smooth vs jitter
+    assert np.abs(db[0]).max() < 0.01 and np.abs(db[3]).max() > 0.5  # a vanishing object changes the brightness
+    # the MQ head reads the motion features (zeroing their embedding moves its score); TA and VQ do not
+    model = _model(seed=6)
+    x = to_model_video(np.stack([clean, jitter]))
+    before = model(x, [p.text] * 2).detach()
+    with torch.no_grad():
+        model.track_embed.weight[:, 3:] = 0
+    after = model(x, [p.text] * 2).detach()
+    assert (after[:, 1] - before[:, 1]).abs().min() > 1e-4
+    assert torch.equal(after[:, 0], before[:, 0]) and torch.allclose(after[:, 2], before[:, 2], atol=1e-6)
+
+
 def test_save_load_roundtrip_and_mismatch(tmp_path):
     model = _model(seed=3)
     videos, prompts = _clips(3)
