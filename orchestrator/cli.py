@@ -296,7 +296,7 @@ def cmd_reward(args) -> None:
     from orchestrator.config import cache_dir
     from orchestrator.pretraining import base_policy
     from orchestrator.reward_training import (ensure_engagement_model, ensure_preference_data, ensure_reward_model,
-                                              reward_bench)
+                                              reward_bench, reward_bench_seeds)
     from orchestrator.tables import format_table, write_json
     from rewards.preference import summary
 
@@ -319,6 +319,15 @@ def cmd_reward(args) -> None:
     elif args.action == "train":
         path = ensure_reward_model(r.reward_model, data, cache, loss=args.loss, force=args.force)
         print(f"reward model ({args.loss or r.reward_model.loss}): {path}")
+    elif args.seeds > 1:  # bench over seeds: own data and models per seed
+        rows, result = reward_bench_seeds(r, base, cache, args.seeds, args.losses, cfg.rollout.mode, cfg.rollout.steps,
+                                          shift=cfg.rollout.shift)
+        print(f"held-out pairwise accuracy over {args.seeds} seeds (rewards.preference.seed and "
+              f"rewards.reward_model.seed + 0..{args.seeds - 1}): mean ± std, and the worst seed")
+        print(format_table([{"loss": x["loss"], "ties": x["ties"],
+                             **{d: f"{x[d + '_mean']:.3f} ± {x[d + '_std']:.3f}" for d in ("vq", "mq", "ta", "overall")},
+                             "min vq/mq/ta": "/".join(f"{x[d + '_min']:.3f}" for d in ("vq", "mq", "ta"))} for x in rows]))
+        print(f"wrote {write_json(result, out / 'reward_bench_seeds.json')}")
     else:  # bench
         dirs = {loss: ensure_reward_model(r.reward_model, data, cache, loss=loss) for loss in args.losses}
         rows, result = reward_bench(dirs, data)
@@ -479,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", choices=["videoreward", "engagement"], default="videoreward")
         if action == "bench":
             p.add_argument("--losses", nargs="+", default=["regression", "bt", "btt"], choices=["regression", "bt", "btt"])
+            p.add_argument("--seeds", type=int, default=1, help="seeds of data and reward models (> 1: mean ± std, "
+                           "writes reward_bench_seeds.json)")
 
     p = add("calibrate", cmd_calibrate, "SCRL thresholds: score base-model samples, write tau = mu + k sigma per profile")
     p.add_argument("--seed", type=int, help="sampling seed (default rewards.calibration.seed)")

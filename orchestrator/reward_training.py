@@ -7,6 +7,7 @@
   (`VideoReward.save`) and `train.json` (seconds, losses).
 - `reward_bench`: VideoAlign's reward benchmark on the HELD-OUT split (prompts no model trained on; labels
   noise-free): pairwise accuracy per dimension and overall, without ties and with ties.
+- `reward_bench_seeds`: the same over several seeds (own data and models per seed): mean ± std per loss and dimension.
 - `ensure_engagement_model`: simulated users' sparse click logs on base samples, true and degraded renders
   train the dense engagement predictor (SCRL's primary reward); held-out AUC against a constant and the
   users' true click probability.
@@ -238,6 +239,53 @@ def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = T
 
 def _json_float(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
+
+
+def seed_summary(per_seed_rows: list[list[dict]]) -> list[dict]:
+    """Rows of `reward_bench` from several seeds -> one row per (loss, ties) with, for each of vq, mq, ta and
+    overall, `<dim>_mean`, `<dim>_std` (sample std, ddof = 1; 0 for one seed) and `<dim>_min` over the seeds.
+    Every seed must have the same (loss, ties) rows in the same order."""
+    if not per_seed_rows:
+        raise ValueError("seed_summary: no seeds")
+    keys = [(r["loss"], r["ties"]) for r in per_seed_rows[0]]
+    if any([(r["loss"], r["ties"]) for r in rows] != keys for rows in per_seed_rows):
+        raise ValueError("seed_summary: every seed must bench the same losses")
+    out = []
+    for i, (loss, ties) in enumerate(keys):
+        row = {"loss": loss, "ties": ties, "seeds": len(per_seed_rows)}
+        for d in (*DIMS, "overall"):
+            values = np.array([rows[i][d] for rows in per_seed_rows], dtype=np.float64)
+            row[f"{d}_mean"] = float(values.mean())
+            row[f"{d}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            row[f"{d}_min"] = float(values.min())
+        out.append(row)
+    return out
+
+
+def reward_bench_seeds(rewards_cfg, base, cache: Path, seeds: int, losses=LOSSES, mode: str = "causal",
+                       steps: int = 8, shift: float = 1.0, progress: bool = True) -> tuple[list[dict], dict]:
+    """`reward_bench` over `seeds` seeds: seed i (0, 1, ...) builds its own preference data
+    (`rewards_cfg.preference.seed + i`: pool renders, degradations, pairs, annotator noise) and trains its own
+    models (`rewards_cfg.reward_model.seed + i`: init, batches, augmentation); the base model is shared (its
+    pretraining is the expensive part). Seed 0 is exactly the single-seed bench, cached alike.
+
+    rewards_cfg: an `orchestrator.config.RewardsConfig`. Returns (summary rows of `seed_summary`, result):
+    result = {"seeds": [{"preference_seed", "reward_model_seed", "rows", **reward_bench's result}, ...],
+    "summary": the summary rows}, JSON-ready.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    per_seed, runs = [], []
+    for i in range(seeds):
+        pref = rewards_cfg.preference.model_copy(update={"seed": rewards_cfg.preference.seed + i})
+        train = rewards_cfg.reward_model.model_copy(update={"seed": rewards_cfg.reward_model.seed + i})
+        data = ensure_preference_data(pref, base, cache, mode, steps, progress=progress, shift=shift)
+        dirs = {loss: ensure_reward_model(train, data, cache, loss=loss, progress=progress) for loss in losses}
+        rows, result = reward_bench(dirs, data, progress=progress)
+        per_seed.append(rows)
+        runs.append({"preference_seed": pref.seed, "reward_model_seed": train.seed, "rows": rows, **result})
+    summary = seed_summary(per_seed)
+    return summary, {"seeds": runs, "summary": summary}
 
 
 # ---------------------------------------------------------------- engagement predictor

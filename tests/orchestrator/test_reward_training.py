@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from orchestrator.reward_training import (EngagementConfig, RewardTrainConfig, engagement_logs,
                                           ensure_engagement_model, ensure_preference_data, ensure_reward_model,
-                                          fit_tie_threshold, reward_bench)
+                                          fit_tie_threshold, reward_bench, reward_bench_seeds, seed_summary)
 from policy.model import ModelConfig, VideoDiT
 from rewards import oracle, world
 from rewards.feedback import EngagementPredictor
@@ -100,6 +100,19 @@ def test_fit_tie_threshold_numbers():
     assert fit_tie_threshold(np.array([[1.0], [-2.0]]), np.array([[1], [-1]])) == 0.0  # no ties: threshold 0
 
 
+def test_seed_summary_numbers():
+    rows = lambda vq, mq: [{"loss": "btt", "ties": "without", "vq": vq, "mq": mq, "ta": 0.9, "overall": 0.8}]  # noqa: E731
+    out = seed_summary([rows(0.9, 0.80), rows(0.8, 0.86), rows(0.85, 0.92)])
+    assert len(out) == 1 and out[0]["loss"] == "btt" and out[0]["ties"] == "without" and out[0]["seeds"] == 3
+    assert out[0]["vq_mean"] == pytest.approx(0.85) and out[0]["vq_std"] == pytest.approx(0.05)  # sample std
+    assert out[0]["mq_mean"] == pytest.approx(0.86) and out[0]["mq_std"] == pytest.approx(0.06)
+    assert out[0]["mq_min"] == 0.80 and out[0]["ta_std"] == pytest.approx(0.0)
+    assert out[0]["overall_mean"] == pytest.approx(0.8)
+    assert seed_summary([rows(0.9, 0.8)])[0]["vq_std"] == 0.0  # one seed: no spread
+    with pytest.raises(ValueError, match="same losses"):
+        seed_summary([rows(0.9, 0.8), [{**rows(0.9, 0.8)[0], "loss": "bt"}]])
+
+
 def test_configs_name_the_bad_field():
     with pytest.raises(ValidationError, match="loss"):
         RewardTrainConfig(loss="hinge")
@@ -179,6 +192,24 @@ def test_tiny_end_to_end_train_bench_and_cache(tmp_path):
         assert models[loss]["without_ties"]["overall"] > 0.5  # held-out prompts, noise-free labels
         assert set(models[loss]["without_ties_by_kind"]) == set(counts["kinds"])
     json.dumps(result)  # JSON-ready
+
+    # over 2 seeds: seed 0 is the bench above (cached data and models), seed 1 its own data and models
+    from orchestrator.config import RewardsConfig
+    summary, multi = reward_bench_seeds(RewardsConfig(preference=pref, reward_model=cfg), base, cache, 2,
+                                        losses=("bt", "btt"), mode="bidirectional", steps=2, progress=False)
+    runs = multi["seeds"]
+    assert [(s["preference_seed"], s["reward_model_seed"]) for s in runs] == [(0, 0), (1, 1)]
+    assert runs[0]["rows"] == [r for r in rows if r["loss"] in ("bt", "btt")]  # seed 0 = the single-seed bench
+    assert runs[0]["data"] == str(data) and runs[1]["data"] != str(data)
+    assert runs[1]["models"]["btt"]["dir"] != models["btt"]["dir"]
+    assert [(r["loss"], r["ties"], r["seeds"]) for r in summary] == [(l, t, 2) for l in ("bt", "btt") for t in ("without", "with")]
+    for i, row in enumerate(summary):
+        for d in (*DIMS, "overall"):
+            values = [s["rows"][i][d] for s in runs]
+            assert row[f"{d}_mean"] == pytest.approx(np.mean(values))
+            assert row[f"{d}_std"] == pytest.approx(np.std(values, ddof=1)) and row[f"{d}_min"] == min(values)
+    assert multi["summary"] == summary
+    json.dumps(multi)
 
 
 @pytest.mark.slow
