@@ -164,3 +164,13 @@ def test_without_pretraining_the_base_key_follows_the_model_as_sampled(tmp_path)
     assert key() == key() and key("model.lora={rank: 4}") == key()
     keys = {key(), key("model.window=4"), key("model.frames=4"), key("model.dtype=float64"), key(path=tmp_path / "D1")}
     assert len(keys) == 5
+
+
+def test_top_level_seed_sets_every_section_seed_the_config_leaves_unset():
+    cfg = load_config(None, ["seed=3", "train.seed=7"])
+    r = cfg.rewards
+    assert (cfg.data.seed, cfg.pretrain.seed, r.preference.seed, r.reward_model.seed, r.engagement.seed,
+            r.calibration.seed) == (3, 3, 3, 3, 3, 3)
+    assert cfg.train.seed == 7  # set explicitly: kept
+    assert cfg.eval.seed == load_config().eval.seed  # every run is judged on the same held-out draw
+    assert {s.seed for s in load_config().seeded_sections()} == {0}
