@@ -83,6 +83,9 @@ def test_tensorboard_scalars_match_and_resume_purges_dead_steps(tmp_path):
     with MetricsLog(tmp_path) as log:
         for s in range(5):
             log.log({"step": s, "reward/feedback": float(s), "tau/ta": math.nan})
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<writer count>; a resumed run is a new process
+    # at a later second, but here both writers share a process, and the count (9 < 10 as text) must not decide
+    time.sleep(1.1)
     with MetricsLog(tmp_path, start_step=3) as log:
         for s in range(3, 6):
             log.log({"step": s, "reward/feedback": 10.0 + s})
