@@ -72,7 +72,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from orchestrator.config import Config, ConfigError, known_reward_names, load_config, parse_override
+from orchestrator.config import Config, ConfigError, configured_dims, load_config, parse_override
 from orchestrator.hashing import fingerprint
 
 # the top-level seed sets data, pretraining, preference pairs, reward models, users, calibration and training seeds
@@ -99,12 +99,7 @@ def _profile_constraints(cfg: Config) -> list[str]:
 def reward_names(cfg: Config) -> list[str]:
     """The run's reward names (model prefix + dimension); a given videoreward checkpoint is taken to have the
     configured dimensions (a different one fails when its metric is read)."""
-    known = known_reward_names(cfg.rewards)
-    if known is None:
-        dims = {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",),
-                "videoreward": tuple(cfg.rewards.reward_model.model.dims)}
-        known = {s.prefix + d for s in cfg.rewards.models.values() for d in dims[s.kind]}
-    return sorted(known)
+    return sorted({s.prefix + d for s in cfg.rewards.models.values() for d in configured_dims(s, cfg.rewards)})
 
 
 def metric_columns(cfg: Config) -> set[str]:

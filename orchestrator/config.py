@@ -143,13 +143,18 @@ class RewardsConfig(Section):
     curriculum: CurriculumConfig | None = None  # Self-Paced GRPO channel weights over these rewards
 
 
+def configured_dims(spec: RewardModelSpec, rewards: RewardsConfig) -> tuple[str, ...]:
+    """The dimensions a reward model scores as the config says (a given videoreward checkpoint: those trained here;
+    its own config.json decides once it is loaded)."""
+    return {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",)}.get(spec.kind, tuple(rewards.reward_model.model.dims))
+
+
 def known_reward_names(rewards: RewardsConfig) -> set[str] | None:
     """The reward names the run's models give, from the config alone; None when a given videoreward checkpoint
     decides its dimensions (then they are checked once the checkpoints are known)."""
-    dims = {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",), "videoreward": tuple(rewards.reward_model.model.dims)}
     if any(s.kind == "videoreward" and s.checkpoint for s in rewards.models.values()):
         return None
-    return {s.prefix + d for s in rewards.models.values() for d in dims[s.kind]}
+    return {s.prefix + d for s in rewards.models.values() for d in configured_dims(s, rewards)}
 
 
 class TrainConfig(Section):
@@ -276,10 +281,9 @@ def guidance_source(cfg: Config, reward: str, key: str = "--guidance") -> tuple[
     """The (reward model name, dimension) behind reward name `reward` (prefix + dimension), which must come from a
     differentiable model; ValueError naming `key` otherwise. A given videoreward checkpoint may have any of vq, mq,
     ta (the guide checks its config.json when it loads it)."""
-    trained = tuple(cfg.rewards.reward_model.model.dims)
-    dims = {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",)}
     found = {spec.prefix + d: (name, spec.kind, d) for name, spec in cfg.rewards.models.items()
-             for d in dims.get(spec.kind, ("vq", "mq", "ta") if spec.checkpoint else trained)}
+             for d in (("vq", "mq", "ta") if spec.kind == "videoreward" and spec.checkpoint
+                       else configured_dims(spec, cfg.rewards))}
     if reward not in found:
         raise ValueError(f"{key}: unknown reward {reward!r}; this config's rewards are {sorted(found)}")
     name, kind, dim = found[reward]
