@@ -58,17 +58,25 @@ def evaluate(
     with equal arguments are compared on identical starting points. `desc` shows a progress bar; `shift` is the
     sampling schedule's (policy.sde.sigma_schedule). guide: a `policy.rollout.RewardGuide` (reward-guided sampling).
     """
+    videos, texts = _sample_videos(model, prompts, seeds_per_prompt, seed, batch_size, desc, sde_type=sampler, eta=eta,
+                                   steps=steps, mode=mode, shift=shift, guide=guide)
+    return EvalResult(videos, texts, score_batch(videos, texts))
+
+
+def _sample_videos(model: Policy, prompts: list[str] | None, seeds_per_prompt: int, seed: int, batch_size: int,
+                   desc: str | None, guide=None, **sample_kwargs) -> tuple[np.ndarray, list[str]]:
+    """Decoded uint8 videos [N, T, H, W, 3] for seeds_per_prompt clips per prompt (default: the held-out split), the
+    noise drawn from `seed` batch by batch, and their prompts [N] (prompt-major)."""
     prompts = prompts or [p.text for p in heldout_prompts()]
     texts = [p for p in prompts for _ in range(seeds_per_prompt)]
     ids = model.encode_prompts(texts)
     gen = torch.Generator().manual_seed(seed)
     clips = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None):
-        traj = sample(model, ids[start : start + batch_size], steps=steps, sde_type=sampler, eta=eta, mode=mode, generator=gen,
-                      shift=shift, guide=guide and guide.for_prompts(texts[start : start + batch_size]))
+        traj = sample(model, ids[start : start + batch_size], generator=gen,
+                      guide=guide and guide.for_prompts(texts[start : start + batch_size]), **sample_kwargs)
         clips.append(model.decode(traj.videos))
-    videos = np.concatenate(clips)
-    return EvalResult(videos, texts, score_batch(videos, texts))
+    return np.concatenate(clips), texts
 
 
 @dataclass
@@ -113,17 +121,8 @@ def evaluate_long(
                          f"frames, got {frames}")
     if stride < 1 or stride % shp.chunk:
         raise ValueError(f"--stride must be a positive multiple of the chunk ({shp.chunk}), got {stride}")
-    prompts = prompts or [p.text for p in heldout_prompts()]
-    texts = [p for p in prompts for _ in range(seeds_per_prompt)]
-    ids = model.encode_prompts(texts)
-    gen = torch.Generator().manual_seed(seed)
-    clips = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None):
-        traj = sample(model, ids[start : start + batch_size], steps=steps, sde_type=sampler, eta=eta, mode="causal",
-                      num_frames=frames, generator=gen, shift=shift,
-                      guide=guide and guide.for_prompts(texts[start : start + batch_size]))
-        clips.append(model.decode(traj.videos))
-    videos = np.concatenate(clips)
+    videos, texts = _sample_videos(model, prompts, seeds_per_prompt, seed, batch_size, desc, sde_type=sampler, eta=eta,
+                                   steps=steps, mode="causal", num_frames=frames, shift=shift, guide=guide)
     starts = list(range(0, frames - window + 1, stride))
     oracle = {d: [] for d in DIMENSIONS}
     rewards: dict[str, list[np.ndarray]] = {}
