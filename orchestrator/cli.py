@@ -87,7 +87,7 @@ def _reward_checkpoints(cfg, names: list[str]) -> dict[str, str | None]:
     from orchestrator.pretraining import base_policy
 
     specs = {n: cfg.rewards.models[n] for n in names}
-    if all(s.checkpoint or s.kind == "oracle" for s in specs.values()):
+    if all(s.checkpoint or s.kind not in ("videoreward", "feedback") for s in specs.values()):  # nothing to train
         return {n: s.checkpoint for n, s in specs.items()}
     sub = cfg.model_copy(deep=True)
     sub.rewards.models = specs
@@ -130,7 +130,8 @@ def _eval_long(cfg, args, model, checkpoint, guide, samplers, eta, out: Path) ->
     learned = [n for n, s in cfg.rewards.models.items() if s.kind != "oracle"]
     if learned and not args.oracle_only:
         ckpts = _reward_checkpoints(cfg, learned)
-        models = {n: RewardScorer(cfg.rewards.models[n].kind, ckpts[n], (*video_shape(cfg.model), 3)) for n in learned}
+        models = {n: RewardScorer(cfg.rewards.models[n].kind, ckpts[n], (*video_shape(cfg.model), 3),
+                                  **cfg.rewards.models[n].scorer_options()) for n in learned}
 
         def score(videos, prompts):
             return score_all(cfg, models, videos, prompts)

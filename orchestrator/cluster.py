@@ -17,6 +17,7 @@ from actors.reward import reward_actor
 from actors.rollout import rollout_actor
 from orchestrator.config import Config, guidance_source
 from orchestrator.reward_pool import RewardPool
+from policy.backend import video_shape
 from policy.learner import check_rewards
 
 
@@ -90,10 +91,11 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
     rollouts = [rollout_actor(i, cfg.model, base_path, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
                               num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
     pools, names = {}, {}
+    shape = (*video_shape(cfg.model), 3)
     for name, spec in cfg.rewards.models.items():
         def spawn(actor_name, spec=spec, ckpt=reward_checkpoints.get(name)):
             return reward_actor(actor_name, spec.kind, ckpt, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                                delay_s=spec.delay_s)
+                                delay_s=spec.delay_s, frame_shape=shape, options=spec.scorer_options())
         pools[name] = RewardPool(name, spawn, spec.replicas)
         names[name] = [spec.prefix + d for d in reward_dims[name]]
     learner = learner_actor(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,

@@ -26,6 +26,7 @@ from policy.wan.config import WanConfig
 from rewards.constraints import ConstraintsConfig
 from rewards.curriculum import CurriculumConfig, check_curriculum_rewards
 from rewards.preference import PreferenceDataConfig
+from rewards.scorer import declared_dims, load_callable
 from rewards.world import VOCAB, FlawConfig
 
 SAMPLERS = ("ode", "flow_grpo", "dance_grpo", "sage", "cps")
@@ -107,9 +108,10 @@ class RolloutConfig(Section):
 
 
 class RewardModelSpec(Section):
-    """One reward model served by its own pool of actors (one replica per GPU on a cluster)."""
+    """One reward model served by its own pool of actors (one replica per GPU on a cluster). Every kind is a scorer
+    plug-in (`rewards.scorer`); `python` loads any class, `http` scores through a remote service."""
 
-    kind: Literal["videoreward", "feedback", "oracle"]
+    kind: Literal["videoreward", "feedback", "oracle", "python", "http"]
     prefix: str = ""  # reward names are prefix + dimension (the oracle monitors as oracle_vq, ...)
     replicas: int = Field(1, ge=1)
     autoscale: AutoscaleConfig | None = None  # grow/shrink replicas with the reward backlog
@@ -117,6 +119,38 @@ class RewardModelSpec(Section):
     num_gpus: float = Field(0.0, ge=0)
     checkpoint: str | None = None  # None: trained by videorl and cached
     delay_s: float = Field(0.0, ge=0)  # simulated device time per batch (benchmarks)
+    callable: str | None = None  # python: "pkg.module:Class", a scorer class
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # python: the class's constructor arguments
+    pythonpath: list[str] = Field(default_factory=list)  # python: directories put first on sys.path where it loads
+    url: str | None = None  # http: the reward service, e.g. http://10.0.0.5:8000 (`videorl reward serve`)
+    token_env: str | None = None  # http: environment variable holding a bearer token
+    retries: int = Field(3, ge=0)  # http: retries of a batch (5xx, connection errors) before the pool retries it
+
+    @model_validator(mode="after")
+    def _kind_settings(self):
+        own = {"python": ("callable", "kwargs", "pythonpath"), "http": ("url", "token_env", "retries")}
+        for kind, keys in own.items():
+            given = [k for k in keys if k in self.model_fields_set]
+            if self.kind != kind and given:
+                raise ValueError(f"{given[0]} applies to kind {kind}, not {self.kind}")
+        if self.kind == "python":
+            if not self.callable:
+                raise ValueError("kind python needs callable: 'pkg.module:Class'")
+            load_callable(self.callable, self.pythonpath)  # does it import, is it a scorer: before any work
+        if self.kind == "http":
+            from rewards.reward_http import check_url, read_token
+
+            check_url(self.url)
+            read_token(self.token_env)
+        return self
+
+    def scorer_options(self) -> dict:
+        """What `rewards.scorer.RewardScorer` needs beyond kind and checkpoint."""
+        if self.kind == "python":
+            return {"callable": self.callable, "kwargs": dict(self.kwargs), "pythonpath": list(self.pythonpath)}
+        if self.kind == "http":
+            return {"url": self.url, "token_env": self.token_env, "retries": self.retries}
+        return {}
 
 
 def _default_reward_models() -> dict[str, RewardModelSpec]:
@@ -145,14 +179,19 @@ class RewardsConfig(Section):
 
 def configured_dims(spec: RewardModelSpec, rewards: RewardsConfig) -> tuple[str, ...]:
     """The dimensions a reward model scores as the config says (a given videoreward checkpoint: those trained here;
-    its own config.json decides once it is loaded)."""
+    its own config.json decides once it is loaded); () when only the built scorer knows (a python class without
+    class-level dims, an http service)."""
+    if spec.kind == "python":
+        return declared_dims(load_callable(spec.callable, spec.pythonpath)) or ()
+    if spec.kind == "http":
+        return ()
     return {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",)}.get(spec.kind, tuple(rewards.reward_model.model.dims))
 
 
 def known_reward_names(rewards: RewardsConfig) -> set[str] | None:
-    """The reward names the run's models give, from the config alone; None when a given videoreward checkpoint
-    decides its dimensions (then they are checked once the checkpoints are known)."""
-    if any(s.kind == "videoreward" and s.checkpoint for s in rewards.models.values()):
+    """The reward names the run's models give, from the config alone; None when a given videoreward checkpoint or a
+    plug-in decides its dimensions (then they are checked once the scorers are built)."""
+    if any(s.kind == "videoreward" and s.checkpoint or not configured_dims(s, rewards) for s in rewards.models.values()):
         return None
     return {s.prefix + d for s in rewards.models.values() for d in configured_dims(s, rewards)}
 

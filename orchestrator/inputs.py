@@ -58,7 +58,7 @@ def reward_checkpoints(cfg: Config, base: Base, progress: bool = True) -> dict[s
     cache = cache_dir(cfg)
     out: dict[str, str | None] = {}
     for name, spec in cfg.rewards.models.items():
-        if spec.checkpoint or spec.kind == "oracle":
+        if spec.checkpoint or spec.kind not in ("videoreward", "feedback"):  # nothing of ours to train
             out[name] = spec.checkpoint
             continue
         from orchestrator.reward_training import ensure_engagement_model, ensure_preference_data, ensure_reward_model
@@ -76,7 +76,8 @@ def reward_checkpoints(cfg: Config, base: Base, progress: bool = True) -> dict[s
 
 def scorers(cfg: Config, checkpoints: dict[str, str | None]) -> dict[str, RewardScorer]:
     shape = (*video_shape(cfg.model), 3)
-    return {name: RewardScorer(spec.kind, checkpoints[name], shape) for name, spec in cfg.rewards.models.items()}
+    return {name: RewardScorer(spec.kind, checkpoints[name], shape, **spec.scorer_options())
+            for name, spec in cfg.rewards.models.items()}
 
 
 def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, prompts: list[str],
@@ -127,7 +128,9 @@ def calibration_path(cfg: Config, base: Base, checkpoints: dict[str, str | None]
                         "rewards.scorer", "rewards.oracle", *SAMPLING_CODE)
     # only what the measurement depends on: a new training-only key (curriculum, replicas, ...) keeps the cached τ
     r = cfg.rollout
-    scoring = {name: (spec.kind, spec.prefix) for name, spec in cfg.rewards.models.items()}
+    scoring = {name: (spec.kind, spec.prefix, *([o] if (o := {k: v for k, v in spec.scorer_options().items()
+                                                              if k != "retries"}) else []))
+               for name, spec in cfg.rewards.models.items()}
     key = fingerprint(scoring, cfg.rewards.calibration, cfg.rewards.profile, (r.sampler, r.eta, r.steps, r.shift, r.mode),
                       base.key, json.dumps(checkpoints, sort_keys=True), *profiles, code)
     return cache_dir(cfg) / f"calibration-{key}.json"

@@ -1,23 +1,29 @@
-"""RewardScorer: one reward model behind one `score` call, with the failure taxonomy applied.
+"""Reward scorers: the plug-in contract, the built-in kinds as plug-ins of it, and `RewardScorer`, which loads one
+and applies the failure taxonomy.
 
-The reward actors (actors/reward.py) wrap this class; it knows nothing of Ray. Kinds:
-- "oracle": the world's ground truth (`rewards.oracle.score_batch`), dims (vq, mq, ta); for
-  evaluation and ablations.
-- "videoreward": the learned VideoAlign-style model (`rewards.reward_model.VideoReward`), loaded
-  from a checkpoint directory written by `VideoReward.save`; dims are the model's (vq, mq, ta).
-- "feedback": SCRL's primary reward R_f (`rewards.feedback.feedback_reward`): the dense engagement
-  predictor loaded from a safetensors file, mixed with sparse simulated clicks; dims ("feedback",).
-  A sample's clicks are drawn from an RNG seeded by (seed, sample id), so a retried or re-batched
-  sample gets the same reward: retries on another replica are invisible downstream.
+The contract (README "Reward plug-ins"): a scorer is a class with
+- `dims`: the names of what it scores, e.g. ("vq", "mq", "ta");
+- `score(batch) -> {dim: float32 [N]}` over the batch the reward pools send: {"ids": [N] str, "videos": uint8
+  [N, T, H, W, 3], "prompts": [N] str, plus any extra fields the rollout adds (`rollout.extras`, e.g. "beat")};
+- `version`: a string naming the model, recorded with its scores;
+- optionally a `device` argument to `__init__`: "cuda" when the actor was given a GPU, else "cpu".
+A problem with one sample raises `rewards.errors.DataError(sample_id, why)`: never retried, the sample is named.
+Anything else a scorer raises is infrastructure (the reward actor retries the batch elsewhere).
 
-Every problem with one sample (wrong clip shape, bad pixels, unknown prompt words, a non-finite score)
-raises `DataError` naming the sample id, so it is never retried and never reaches the learner as NaN.
+Kinds: "oracle" (the world's ground truth), "videoreward" (the learned VideoAlign-style model, from a
+`VideoReward.save` directory), "feedback" (SCRL's primary reward R_f: the engagement predictor mixed with simulated
+clicks seeded by (seed, sample id), so a retried or re-batched sample gets the same reward), "python" (any class
+named by `callable: "pkg.module:Class"`), "http" (a remote reward service, `rewards.reward_http`).
+`RewardScorer` checks what goes in (clip shapes, pixel range) and what comes out (the declared dims, [N] each,
+finite), so a plug-in's mistake is a DataError naming a sample, not a NaN in the learner.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
-
+import sys
 import zlib
 from pathlib import Path
 
@@ -27,67 +33,175 @@ from rewards import oracle
 from rewards.errors import DataError, check_scores, check_videos
 from rewards.world import as_prompt
 
-KINDS = ("oracle", "videoreward", "feedback")
+KINDS = ("oracle", "videoreward", "feedback", "python", "http")
+BATCH_KEYS = ("ids", "videos", "prompts")  # every batch has them; anything else is an extra field
+
+
+class OracleScorer:
+    """The world's ground truth (`rewards.oracle.score_batch`) against each prompt."""
+
+    dims = ("vq", "mq", "ta")
+    version = "oracle"
+
+    def score(self, batch: dict) -> dict[str, np.ndarray]:
+        _parse_prompts(batch)
+        out = oracle.score_batch(batch["videos"], batch["prompts"])
+        return {d: out[d] for d in self.dims}
+
+
+class VideoRewardScorer:
+    """The learned VideoAlign-style model (`rewards.reward_model.VideoReward`) from a checkpoint directory."""
+
+    def __init__(self, checkpoint: str | Path, frame_shape=(8, 16, 16, 3), device: str = "cpu"):
+        from rewards.reward_model import VideoReward  # torch loads only for learned models
+
+        path = _existing(checkpoint, "videoreward")
+        self.model = VideoReward.load(path).eval().to(device)
+        cfg = self.model.cfg
+        if (cfg.frames, cfg.size, cfg.size) != tuple(frame_shape[:3]):
+            raise ValueError(f"{path}: the reward model scores [{cfg.frames}, {cfg.size}, {cfg.size}, 3] "
+                             f"clips, frame_shape is {list(frame_shape)}")
+        self.dims = tuple(cfg.dims)
+        self.version = f"videoreward:{path.name}"
+
+    def score(self, batch: dict) -> dict[str, np.ndarray]:
+        for sid, p in zip(batch["ids"], batch["prompts"]):  # a prompt it cannot read is the sample's fault
+            try:
+                self.model.tokenize([p])
+            except ValueError as e:
+                raise DataError(sid, f"bad prompt: {e}") from None
+        scores = self.model.score_videos(batch["videos"], batch["prompts"])
+        return {d: scores[:, i] for i, d in enumerate(self.dims)}
+
+
+class FeedbackScorer:
+    """SCRL's R_f: the dense engagement prediction, mixed with a simulated click where one was drawn.
+    `users_seed`, `n_users`, `impression_rate`, `mix` left None come from the checkpoint's engagement.json (the
+    population whose click logs trained the predictor), else 0, 100, 0.3 and 0.5."""
+
+    dims = ("feedback",)
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", users_seed: int | None = None,
+                 n_users: int | None = None, impression_rate: float | None = None, mix: float | None = None):
+        from rewards.feedback import UserPopulation
+
+        for name, value in (("impression_rate", impression_rate), ("mix", mix)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"impression_rate and mix must lie in [0, 1], got {name}={value}")
+        path = _existing(checkpoint, "feedback")
+        self.model = _load_engagement(path).to(device)
+        logged = _engagement_config(path)
+        self.users_seed = logged.get("seed", 0) if users_seed is None else users_seed
+        self.impression_rate = logged.get("impression_rate", 0.3) if impression_rate is None else impression_rate
+        self.mix = logged.get("mix", 0.5) if mix is None else mix
+        self.users = UserPopulation(self.users_seed, logged.get("n_users", 100) if n_users is None else n_users)
+        self.version = f"feedback:{path.name}"
+
+    def score(self, batch: dict) -> dict[str, np.ndarray]:
+        from rewards.feedback import feedback_reward
+
+        videos, prompts, ids = batch["videos"], batch["prompts"], batch["ids"]
+        dense = self.model.predict(videos)
+        if not np.isfinite(dense).all():  # name the sample (feedback_reward would raise a plain ValueError)
+            i = int(np.flatnonzero(~np.isfinite(dense))[0])
+            raise DataError(ids[i], f"non-finite feedback score {dense[i]} (dense engagement prediction)")
+        clicks = np.empty(len(ids), np.float32)
+        for i, sid in enumerate(ids):  # per-sample RNG: a sample's reward does not depend on its batch
+            rng = np.random.default_rng([self.users_seed, zlib.crc32(sid.encode())])
+            clicks[i] = self.users.impressions(videos[i:i + 1], prompts[i:i + 1], rng, self.impression_rate)[0]
+        return {"feedback": feedback_reward(dense, clicks, self.mix)}
+
+
+def load_callable(target: str, pythonpath: list[str] | tuple[str, ...] = ()) -> type:
+    """"pkg.module:Class" -> the class, which must look like a scorer (has `score`); `pythonpath` directories are put
+    first on sys.path. ValueError naming the target when it does not import or is not a scorer."""
+    module_name, sep, attr = str(target).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"callable {target!r} is not of the form 'pkg.module:Class'")
+    for d in reversed([str(p) for p in pythonpath]):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # a user's module may fail in any way while importing
+        raise ValueError(f"callable {target!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"callable {target!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, type) or not callable(getattr(obj, "score", None)):
+        raise ValueError(f"callable {target!r} is not a scorer: expected a class with `dims` and `score(batch)`")
+    return obj
+
+
+def declared_dims(cls: type) -> tuple[str, ...] | None:
+    """A scorer class's `dims` when it declares them on the class (known before it is built), else None."""
+    dims = getattr(cls, "dims", None)
+    if isinstance(dims, (list, tuple)) and dims and all(isinstance(d, str) for d in dims):
+        return tuple(dims)
+    return None
+
+
+def build_plugin(kind: str, checkpoint: str | Path | None = None, frame_shape=(8, 16, 16, 3), *,
+                 device: str | None = None, **options):
+    """The scorer object of a kind. options: "feedback": users_seed, n_users, impression_rate, mix; "python":
+    callable, kwargs, pythonpath; "http": url and the client's settings (`rewards.reward_http.HttpScorer`)."""
+    if kind == "oracle":
+        return OracleScorer()
+    if kind == "videoreward":
+        return VideoRewardScorer(_needs(checkpoint, kind), frame_shape, _device(device))
+    if kind == "feedback":
+        return FeedbackScorer(_needs(checkpoint, kind), _device(device), **options)
+    if kind == "python":
+        cls = load_callable(options["callable"], options.get("pythonpath") or ())
+        kwargs = dict(options.get("kwargs") or {})
+        if "device" in inspect.signature(cls).parameters:
+            kwargs.setdefault("device", _device(device))
+        return cls(**kwargs)
+    if kind == "http":
+        from rewards.reward_http import HttpScorer
+
+        return HttpScorer(**options)
+    raise ValueError(f"unknown reward kind {kind!r}; expected one of {list(KINDS)}")
 
 
 class RewardScorer:
-    """Scores world videos against prompts with one reward model; see the module docstring.
+    """One reward plug-in behind one `score` call with the failure taxonomy applied; see the module docstring.
 
     frame_shape: the clip shape every sample must have, (T, H, W, 3).
     device: where a learned model runs; None = "cuda" when a GPU is visible (Ray shows an actor only the
-    GPUs it asked for), else "cpu". Scores come back as numpy either way.
-    For "feedback": `users_seed` and `n_users` fix the simulated user population, `impression_rate` the
-    chance a sample is shown to a user, `mix` the weight of a real click against the dense prediction.
-    Left as None they come from the checkpoint directory's engagement.json (the population whose click
-    logs trained the predictor), else 0, 100, 0.3 and 0.5.
+    GPUs it asked for), else "cpu". Scores come back as numpy either way. options: see `build_plugin`.
     """
 
     def __init__(self, kind: str, checkpoint: str | Path | None = None,
-                 frame_shape: tuple[int, int, int, int] = (8, 16, 16, 3), *,
-                 device: str | None = None, users_seed: int | None = None, n_users: int | None = None,
-                 impression_rate: float | None = None, mix: float | None = None):
+                 frame_shape: tuple[int, int, int, int] = (8, 16, 16, 3), *, device: str | None = None, **options):
         if kind not in KINDS:
             raise ValueError(f"unknown reward kind {kind!r}; expected one of {list(KINDS)}")
         frame_shape = tuple(int(x) for x in frame_shape)
         if len(frame_shape) != 4 or frame_shape[3] != 3 or min(frame_shape) < 1:
             raise ValueError(f"frame_shape must be (T, H, W, 3), got {frame_shape}")
-        for name, value in (("impression_rate", impression_rate), ("mix", mix)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"impression_rate and mix must lie in [0, 1], got {name}={value}")
         self.kind = kind
         self.frame_shape = frame_shape
-        self.model = None
-        if kind == "oracle":
-            self.dims: tuple[str, ...] = ("vq", "mq", "ta")
-            return
-        if checkpoint is None:
-            raise ValueError(f"reward kind {kind!r} needs a checkpoint")
-        path = Path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"reward checkpoint for {kind!r} not found: {path}")
-        if kind == "videoreward":
-            from rewards.reward_model import VideoReward  # torch loads only for learned models
+        self.plugin = build_plugin(kind, checkpoint, frame_shape, device=device, **options)
+        dims = getattr(self.plugin, "dims", None)
+        if isinstance(dims, str) or not isinstance(dims, (list, tuple)) or not dims or \
+                not all(isinstance(d, str) for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"reward kind {kind!r}: {type(self.plugin).__name__}.dims must be a non-empty list of "
+                             f"distinct names, got {dims!r}")
+        self.dims: tuple[str, ...] = tuple(dims)
 
-            self.model = VideoReward.load(path).eval().to(_device(device))
-            cfg = self.model.cfg
-            if (cfg.frames, cfg.size, cfg.size) != frame_shape[:3]:
-                raise ValueError(f"{path}: the reward model scores [{cfg.frames}, {cfg.size}, {cfg.size}, 3] "
-                                 f"clips, frame_shape is {list(frame_shape)}")
-            self.dims = tuple(cfg.dims)
-        else:  # "feedback"
-            from rewards.feedback import UserPopulation
+    @property
+    def version(self) -> str:
+        """The plug-in's model version (an http service reports it with every reply)."""
+        return str(getattr(self.plugin, "version", "") or self.kind)
 
-            self.model = _load_engagement(path).to(_device(device))
-            logged = _engagement_config(path)
-            self.users_seed = logged.get("seed", 0) if users_seed is None else users_seed
-            self.impression_rate = logged.get("impression_rate", 0.3) if impression_rate is None else impression_rate
-            self.mix = logged.get("mix", 0.5) if mix is None else mix
-            self.users = UserPopulation(self.users_seed, logged.get("n_users", 100) if n_users is None else n_users)
-            self.dims = ("feedback",)
+    @property
+    def model(self):
+        return getattr(self.plugin, "model", None)
 
-    def score(self, videos, prompts: list[str], ids: list[str]) -> np.ndarray:
-        """videos uint8 [N, T, H, W, 3] (or float in [0, 1], or a list of N clips), N prompts, N ids
-        -> scores float32 [N, len(dims)], all finite. A bad sample raises DataError naming its id."""
+    def score(self, videos, prompts: list[str], ids: list[str], **extras) -> np.ndarray:
+        """videos uint8 [N, T, H, W, 3] (or float in [0, 1], or a list of N clips), N prompts, N ids, extra batch
+        fields -> scores float32 [N, len(dims)], all finite. A bad sample raises DataError naming its id."""
         ids = [str(i) for i in ids]
         check_videos(videos, ids, self.frame_shape)
         if isinstance(prompts, str) or len(prompts) != len(ids):
@@ -97,42 +211,48 @@ class RewardScorer:
             for sid, v in zip(ids, videos):
                 if v.min() < 0.0 or v.max() > 1.0:
                     raise DataError(sid, f"{v.dtype} video outside [0, 1] (min {v.min():.3g}, max {v.max():.3g})")
-        prompts = [str(p) for p in prompts]
         if not ids:
             return np.zeros((0, len(self.dims)), np.float32)
-        self._check_prompts(prompts, ids)
-        if self.kind == "oracle":
-            out = oracle.score_batch(videos, prompts)
-            scores = np.stack([out[d] for d in self.dims], axis=1)
-        elif self.kind == "videoreward":
-            scores = self.model.score_videos(videos, prompts)
-        else:
-            scores = self._feedback(videos, prompts, ids)[:, None]
-        return check_scores(scores, ids, self.dims)
+        out = self.plugin.score({"ids": ids, "videos": videos, "prompts": [str(p) for p in prompts], **extras})
+        return check_scores(self._columns(out, ids), ids, self.dims)
 
-    def _check_prompts(self, prompts: list[str], ids: list[str]) -> None:
-        """A prompt the model cannot read is the sample's fault: DataError, not a retry."""
-        if self.kind == "feedback":
-            return  # the users' taste ignores the prompt
-        for sid, p in zip(ids, prompts):
+    def _columns(self, out, ids: list[str]) -> np.ndarray:
+        """{dim: [N]} -> [N, D] in `dims` order; wrong dims or shapes are the batch's DataError (first sample)."""
+        who = f"{type(self.plugin).__name__}.score"
+        if not isinstance(out, dict) or set(out) != set(self.dims):
+            got = sorted(out) if isinstance(out, dict) else type(out).__name__
+            raise DataError(ids[0], f"{who} returned dims {got}, expected {list(self.dims)}")
+        cols = []
+        for d in self.dims:
             try:
-                self.model.tokenize([p]) if self.kind == "videoreward" else as_prompt(p)
-            except ValueError as e:
-                raise DataError(sid, f"bad prompt: {e}") from None
+                col = np.asarray(out[d], dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise DataError(ids[0], f"{who} returned {d} that is not numbers ({e})") from None
+            if col.shape != (len(ids),):
+                raise DataError(ids[0], f"{who} returned {d} of shape {list(col.shape)}, expected [{len(ids)}]")
+            cols.append(col)
+        return np.stack(cols, axis=1)
 
-    def _feedback(self, videos: np.ndarray, prompts: list[str], ids: list[str]) -> np.ndarray:
-        """R_f [N]: dense predicted click probability, mixed with a simulated click where one was drawn."""
-        from rewards.feedback import feedback_reward
 
-        dense = self.model.predict(videos)
-        if not np.isfinite(dense).all():  # name the sample (feedback_reward would raise a plain ValueError)
-            i = int(np.flatnonzero(~np.isfinite(dense))[0])
-            raise DataError(ids[i], f"non-finite feedback score {dense[i]} (dense engagement prediction)")
-        clicks = np.empty(len(ids), np.float32)
-        for i, sid in enumerate(ids):  # per-sample RNG: a sample's reward does not depend on its batch
-            rng = np.random.default_rng([self.users_seed, zlib.crc32(sid.encode())])
-            clicks[i] = self.users.impressions(videos[i:i + 1], prompts[i:i + 1], rng, self.impression_rate)[0]
-        return feedback_reward(dense, clicks, self.mix)
+def _parse_prompts(batch: dict) -> None:
+    for sid, p in zip(batch["ids"], batch["prompts"]):
+        try:
+            as_prompt(p)
+        except ValueError as e:
+            raise DataError(sid, f"bad prompt: {e}") from None
+
+
+def _needs(checkpoint, kind: str):
+    if checkpoint is None:
+        raise ValueError(f"reward kind {kind!r} needs a checkpoint")
+    return checkpoint
+
+
+def _existing(checkpoint, kind: str) -> Path:
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"reward checkpoint for {kind!r} not found: {path}")
+    return path
 
 
 def _device(device: str | None) -> str:

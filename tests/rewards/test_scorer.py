@@ -72,7 +72,7 @@ def test_bad_pixels_and_unreadable_prompts_are_named():
 
 
 def test_construction_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match=r"'clip'.*\['oracle', 'videoreward', 'feedback'\]"):
+    with pytest.raises(ValueError, match=r"'clip'.*\['oracle', 'videoreward', 'feedback', 'python', 'http'"):
         RewardScorer("clip")
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="no-such-model"):
@@ -150,10 +150,10 @@ def test_feedback_kind_mixes_dense_predictions_with_per_sample_clicks(tmp_path):
     (trained / "model.safetensors").write_bytes((tmp_path / "eng.safetensors").read_bytes())
     (trained / "engagement.json").write_text(json.dumps(
         {"config": {"seed": 3, "n_users": 7, "impression_rate": 1.0, "mix": 0.25}}))
-    logged = RewardScorer("feedback", trained)
+    logged = RewardScorer("feedback", trained).plugin
     assert (logged.users_seed, logged.impression_rate, logged.mix) == (3, 1.0, 0.25)
     np.testing.assert_array_equal(logged.users.weights, UserPopulation(3, 7).weights)
-    assert RewardScorer("feedback", trained, mix=0.5).mix == 0.5  # an explicit argument wins
+    assert RewardScorer("feedback", trained, mix=0.5).plugin.mix == 0.5  # an explicit argument wins
 
     with torch.no_grad():
         predictor.head.bias.fill_(float("nan"))
