@@ -715,6 +715,8 @@ class VideoAlignScorer:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         if not 0.0 < top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
         self.aggregate = _parse_aggregate(aggregate)

@@ -263,25 +263,63 @@ def test_bad_samples_raise_data_error_naming_them(tiny):
         VideoAlignScorer(ckpt, device="cpu", aggregate="best_frame")
 
 
+# ---------------------------------------------------------------- the plug-in contract
+
+def test_runs_as_a_python_plugin_of_the_reward_pools(tiny):
+    from rewards.scorer import RewardScorer
+
+    model, ckpt = tiny
+    scorer = RewardScorer("python", callable="rewards.videoalign:VideoAlignScorer",
+                          kwargs={"checkpoint": str(ckpt), "aggregate": "clip"}, device="cpu")
+    videos = clips(2)
+    got = scorer.score(videos, PROMPTS[:2], ["a", "b"])  # [N, 3] in dims order
+    want = np.stack([direct_forward(model, v, p) for v, p in zip(videos, PROMPTS)])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert scorer.version.startswith("videoalign-")
+
+
 # ---------------------------------------------------------------- training
 
-def test_btt_steps_lower_the_loss():
+def _preference_dir(tmp_path):
+    """The project's preference data (rewards.preference) for two training prompts: truth vs degraded renders."""
+    from rewards.preference import (PreferenceDataConfig, pair_table, render_references, score_pool,
+                                    write_preference_data)
+
+    cfg = PreferenceDataConfig(degraded_per_prompt=3, pairs_per_prompt=4, label_noise=0.0, val_fraction=0.0, seed=0)
+    prompts = [PROMPTS[0], "a yellow square moving right slowly"]
+    videos, meta = render_references(prompts, cfg.degraded_per_prompt, np.random.default_rng(0))
+    pool = score_pool(videos, meta)
+    return write_preference_data(tmp_path / "prefs", videos, pool, pair_table(pool, cfg), cfg)
+
+
+def test_btt_steps_on_preference_data_lower_the_loss(tmp_path):
+    from rewards.preference import read_preference_data
     from rewards.reward_model import PreferencePairs
 
-    rng = np.random.default_rng(0)
-    good = clips(4)
-    bad = np.stack([to_uint8(degrade(render(p, s), "noise", 1.0, rng)) for p, s in zip(PROMPTS, STARTS)])
-    # a better on every dimension for pairs 0, 1; b better for 2; a tie on MQ for pair 3
-    video_a = np.stack([good[0], good[1], bad[2], good[3]])
-    video_b = np.stack([bad[0], bad[1], good[2], bad[3]])
-    labels = np.array([[1, 1, 1], [1, 1, 1], [-1, -1, -1], [1, 0, 1]], np.int8)
-    pairs = PreferencePairs(video_a, video_b, PROMPTS, labels)
+    train = read_preference_data(_preference_dir(tmp_path), "train")
+    assert len(train) == 8
+    pairs = PreferencePairs(train.video_a, train.video_b, train.prompts, train.labels, train.score_a, train.score_b)
     model = build_tiny_videoalign(seed=2)
     with torch.no_grad():
         before = preference_loss(model, pairs, "btt").item()
-    history = train_videoalign(model, pairs, "btt", steps=6, batch_size=4, lr=3e-3, warmup=0.0)
+    history = train_videoalign(model, train, "btt", steps=6, batch_size=8, lr=3e-3, warmup=0.0)
     with torch.no_grad():
         after = preference_loss(model, pairs, "btt").item()
     assert len(history) == 6 and all(math.isfinite(h) for h in history)
+    assert history[0] == pytest.approx(before, abs=1e-5)  # full batch: step 0 sees exactly these pairs
     assert after < before - 0.05, (before, after, history)
     assert not model.training
+
+
+@pytest.mark.parametrize("loss", ["bt", "regression"])
+def test_bt_and_regression_steps_run(tmp_path, loss):
+    from rewards.preference import read_preference_data
+
+    train = read_preference_data(_preference_dir(tmp_path), "train")
+    model = apply_lora(build_tiny_videoalign(seed=4), rank=2)
+    head = model.rm_head.weight.detach().clone()
+    lora_b = next(p for n, p in model.vlm.named_parameters() if "lora_B" in n).detach().clone()
+    history = train_videoalign(model, train, loss, steps=2, batch_size=4, lr=1e-3)
+    assert len(history) == 2 and all(math.isfinite(h) for h in history)
+    assert not torch.equal(head, model.rm_head.weight)
+    assert not torch.equal(lora_b, next(p for n, p in model.vlm.named_parameters() if "lora_B" in n))
