@@ -173,9 +173,17 @@ def video_patches(video, sampling: FrameSampling, vision_config, grayscale: bool
     return patches, grid, fps
 
 
-def reward_prompt(prompt: str) -> str:
+def reward_prompt(prompt: str, rubric: str = RUBRIC) -> str:
     """The rubric text for one prompt, each dimension's special token after its rubric."""
-    return RUBRIC.format(prompt=prompt, **REWARD_TOKENS)
+    return rubric.format(prompt=prompt, **REWARD_TOKENS)
+
+
+def check_rubric(rubric: str) -> str:
+    """A rubric template must hold {prompt} and each reward token's field once: {vq}, {mq}, {ta}."""
+    for field in ("{prompt}", *(f"{{{d}}}" for d in DIMS)):
+        if rubric.count(field) != 1:
+            raise ValueError(f"rubric template must contain {field} exactly once")
+    return rubric
 
 
 # ---------------------------------------------------------------- the model
@@ -187,10 +195,12 @@ class VideoAlignRewardModel(nn.Module):
     causal attention and right padding a video's rewards do not depend on the rest of its batch.
     `forward(...)` -> [B, 3] float (VQ, MQ, TA logits); `score(videos, prompts)` builds the inputs.
     `normalization`: {dim: (mean, std)} from the checkpoint's model_config.json, or None (applied by the scorer).
+    `rubric`: the prompt template (`RUBRIC`, our wording); a checkpoint trained with another text scores best with
+    that text, {prompt} and {vq} / {mq} / {ta} (the reward tokens) in it.
     """
 
     def __init__(self, vlm: nn.Module, tokenizer, sampling: FrameSampling = FrameSampling(),
-                 normalization: dict[str, tuple[float, float]] | None = None):
+                 normalization: dict[str, tuple[float, float]] | None = None, rubric: str = RUBRIC):
         super().__init__()
         self.vlm = vlm
         config = self.config
@@ -198,6 +208,7 @@ class VideoAlignRewardModel(nn.Module):
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.normalization = normalization
+        self.rubric = check_rubric(rubric)
         self.reward_token_ids = []
         for d in DIMS:
             tid = tokenizer.convert_tokens_to_ids(REWARD_TOKENS[d])
@@ -237,8 +248,8 @@ class VideoAlignRewardModel(nn.Module):
             seconds.append(vcfg.temporal_patch_size / fps)
             n_tokens = grid[0] * grid[1] * grid[2] // merge2
             texts.append(CHAT.format(vision_start=self._markers["vision_start"],
-                                     video=self._markers["video"] * n_tokens,
-                                     vision_end=self._markers["vision_end"], text=reward_prompt(prompt)))
+                                     video=self._markers["video"] * n_tokens, vision_end=self._markers["vision_end"],
+                                     text=reward_prompt(prompt, self.rubric)))
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         length = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -409,11 +420,13 @@ def _allowed_missing(vlm) -> set[str]:
 
 
 def _resize_for(vlm, state: dict[str, torch.Tensor], tokenizer) -> None:
-    """Grow / shrink the embeddings to the checkpoint's row count (VideoAlign resized for its reward tokens)."""
+    """Grow / shrink the embeddings to the checkpoint's row count (VideoAlign resized for its reward tokens), or
+    to fit the reward tokens when the checkpoint has no embeddings."""
     rows = state.get("model.language_model.embed_tokens.weight")
     n = rows.shape[0] if rows is not None else None
-    if n is None and len(tokenizer) > vlm.config.text_config.vocab_size:
-        n = len(tokenizer)
+    top = max(tokenizer.convert_tokens_to_ids(t) for t in REWARD_TOKENS.values()) + 1
+    if n is None and top > vlm.get_input_embeddings().weight.shape[0]:
+        n = top
     if n is not None and n != vlm.get_input_embeddings().weight.shape[0]:
         vlm.resize_token_embeddings(n)
 
@@ -700,7 +713,8 @@ class VideoAlignScorer:
     (model_config.json's data_config, else `FrameSampling`'s defaults). aggregate: "clip" (VideoAlign: one
     forward per clip), "astrolabe", or a list of "vq_top_frames" (VQ = mean of the top `top_fraction` of per-frame
     VQ scores) and "mq_grayscale" (MQ read from a forward on the luma video). normalize: (r - mean) / std per
-    dimension with the checkpoint's stats, when it has them. A bad sample raises DataError naming its id.
+    dimension with the checkpoint's stats, when it has them. rubric: the prompt template (default `RUBRIC`; see
+    `VideoAlignRewardModel`). A bad sample raises DataError naming its id.
     `version` changes with the weights' content and every setting that changes scores.
     """
 
@@ -710,7 +724,7 @@ class VideoAlignScorer:
                  num_frames: int | None = None, video_fps: float | None = None, max_pixels: int | None = None,
                  min_pixels: int | None = None, aggregate="clip", top_fraction: float = 0.3,
                  normalize: bool = True, base: str | Path | None = None, batch_size: int = 8,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", rubric: str | None = None):
         from orchestrator.hashing import fingerprint, tree_sha256
 
         if batch_size < 1:
@@ -730,10 +744,13 @@ class VideoAlignScorer:
         if fps is not None or num_frames is not None:
             overrides.update(fps=fps, num_frames=num_frames)
         self.model.sampling = replace(sampling, **overrides)
+        if rubric is not None:
+            self.model.rubric = check_rubric(rubric)
         self.normalization = self.model.normalization if normalize else None
+        self.reserved = (*REWARD_TOKENS.values(), *self.model._markers.values())
         self.version = "videoalign-" + fingerprint(tree_sha256(checkpoint), json.dumps(asdict(self.model.sampling)),
                                                    ",".join(self.aggregate), self.top_fraction,
-                                                   json.dumps(self.normalization), dtype)
+                                                   json.dumps(self.normalization), dtype, self.model.rubric)
 
     def score(self, batch: dict) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["ids"]]
@@ -745,6 +762,9 @@ class VideoAlignScorer:
         for sid, p in zip(ids, prompts):
             if not isinstance(p, str) or not p.strip():
                 raise DataError(sid, f"prompt must be a non-empty string, got {p!r}")
+            marker = next((m for m in self.reserved if m in p), None)
+            if marker is not None:  # it would break the one-token-per-dimension read-out
+                raise DataError(sid, f"prompt contains the model's reserved token {marker}")
         if not ids:
             return {d: np.zeros(0, np.float32) for d in DIMS}
         out = np.concatenate([self._score_chunk(clips[i:i + self.batch_size], list(prompts[i:i + self.batch_size]))

@@ -13,7 +13,7 @@ import torch
 
 from rewards.aggregators import top_fraction_mean
 from rewards.errors import DataError
-from rewards.videoalign import (DIMS, REWARD_TOKENS, FrameSampling, VideoAlignScorer, apply_lora,
+from rewards.videoalign import (DIMS, REWARD_TOKENS, RUBRIC, FrameSampling, VideoAlignScorer, apply_lora,
                                 build_tiny_videoalign, frame_indices, frame_size, load_videoalign, new_to_old_key,
                                 old_to_new_key, patchify, preference_loss, save_videoalign_checkpoint,
                                 train_videoalign)
@@ -109,12 +109,27 @@ def test_full_checkpoint_scores_equal_direct_forward(tiny):
     assert np.ptp(want, axis=0).min() > 1e-3  # the clips' scores differ: the check is not vacuous
 
 
-def test_scorer_settings_change_version(tiny):
-    _, ckpt = tiny
+def test_scorer_settings_change_version_and_scores(tiny):
+    model, ckpt = tiny
     a = VideoAlignScorer(ckpt, device="cpu")
     assert a.version == VideoAlignScorer(ckpt, device="cpu").version
     assert a.version != VideoAlignScorer(ckpt, device="cpu", aggregate="astrolabe").version
     assert a.version != VideoAlignScorer(ckpt, device="cpu", fps=4.0).version
+    # another rubric text (e.g. the one a real checkpoint was trained with) reaches the model
+    rubric = "Rate the video for \" {prompt} \" : quality {vq} motion {mq} alignment {ta}"
+    other = VideoAlignScorer(ckpt, device="cpu", rubric=rubric)
+    assert other.version != a.version
+    videos = clips(2)
+    got = other.score(batch(videos))
+    model.rubric = rubric
+    try:
+        want = np.stack([direct_forward(model, v, p) for v, p in zip(videos, PROMPTS)])
+    finally:
+        model.rubric = RUBRIC
+    np.testing.assert_allclose(np.stack([got[d] for d in DIMS], 1), want, atol=1e-5, rtol=0)
+    assert np.abs(want - np.stack([a.score(batch(videos))[d] for d in DIMS], 1)).min() > 1e-4
+    with pytest.raises(ValueError, match=r"\{mq\}"):
+        VideoAlignScorer(ckpt, device="cpu", rubric="{prompt} {vq} {ta}")
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl"])
@@ -185,6 +200,25 @@ def test_missing_adapter_key_fails_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"missing key: base_model\.model\.model\.language_model\.layers\.0\."
                                          r"self_attn\.v_proj\.lora_B\.default\.weight"):
         load_videoalign(tmp_path, device="cpu")
+
+
+def test_newest_checkpoint_step_directory_is_loaded(tiny, tmp_path):
+    """VideoAlign's training output: model_config.json on top, weights in checkpoint-<step>/ (the newest wins)."""
+    model, ckpt = tiny
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for f in ckpt.iterdir():
+            if f.name != "model_config.json":
+                (tmp_path / f"checkpoint-{step}" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "model_config.json").write_bytes((ckpt / "model_config.json").read_bytes())
+    state = torch.load(ckpt / "model.pth", weights_only=True)
+    state["rm_head.weight"] = state["rm_head.weight"] * 0.0  # the older step is a different model
+    torch.save(state, tmp_path / "checkpoint-2" / "model.pth")
+    got = load_videoalign(tmp_path, device="cpu").score(list(clips(1)), PROMPTS[:1]).detach().numpy()[0]
+    np.testing.assert_allclose(got, direct_forward(model, clips(1)[0], PROMPTS[0]), atol=1e-5, rtol=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no VideoAlign checkpoint"):
+        load_videoalign(tmp_path / "empty", device="cpu")
 
 
 def test_normalisation_from_model_config(tiny, tmp_path):
@@ -259,6 +293,8 @@ def test_bad_samples_raise_data_error_naming_them(tiny):
     with pytest.raises(DataError, match="clip-0"):
         scorer.score({"ids": ["clip-0"], "videos": clips(1).astype(np.float32) * np.nan, "prompts": PROMPTS[:1]})
     assert scorer.score({"ids": [], "videos": np.zeros((0, 8, 16, 16, 3), np.uint8), "prompts": []})["vq"].shape == (0,)
+    with pytest.raises(DataError, match=r"clip-0.*<\|TA_reward\|>"):
+        scorer.score({"ids": ["clip-0"], "videos": clips(1), "prompts": ["a red <|TA_reward|> circle"]})
     with pytest.raises(ValueError, match="unknown aggregate"):
         VideoAlignScorer(ckpt, device="cpu", aggregate="best_frame")
 
