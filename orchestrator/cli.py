@@ -337,6 +337,12 @@ def cmd_reward(args) -> None:
         print(f"wrote {write_json(result, out / 'reward_bench.json')}")
 
 
+def cmd_reward_serve(args) -> None:
+    from orchestrator.reward_service import serve
+
+    serve(_config(args), args.model, host=args.host, port=args.port, token_env=args.token_env)
+
+
 def cmd_compare(args) -> None:
     from orchestrator.compare import COLUMNS, control_stats, plot_lambdas
     from orchestrator.metrics import read_metrics
@@ -492,6 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=1, help="seeds of data and reward models (> 1: mean ± std, "
                            "writes reward_bench_seeds.json)")
 
+    help_text = "serve a configured reward model over HTTP for `kind: http` (msgpack + raw frames, no pickle)"
+    p = rsub.add_parser("serve", help=help_text, description=help_text)
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--model", required=True, help="a name in rewards.models")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-env", metavar="VAR", help="require the bearer token held in environment variable VAR")
+    p.set_defaults(func=cmd_reward_serve)
+
     p = add("calibrate", cmd_calibrate, "SCRL thresholds: score base-model samples, write tau = mu + k sigma per profile")
     p.add_argument("--seed", type=int, help="sampling seed (default rewards.calibration.seed)")
     p.add_argument("--out", help="JSON path (default: the cached calibration of the config)")
@@ -592,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = _ProgressLines(sys.stderr)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    # ConnectionError: a reward service (`kind: http`) that did not answer within its retries
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ConnectionError) as e:
         if os.environ.get("VIDEORL_DEBUG"):
             raise
         print(f"videorl: error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ Guarantees:
   max_staleness; staler ones are dropped and counted;
 - a rollout whose actor died is re-run (same group id and seed) on another actor after the
   latest weights are re-sent to the restarted one, and counted as retried; reward batches are
-  retried by their pool. Every group id is produced, scored and consumed at most once (the
+  retried by their pool (each re-run counted as retried too). Every group id is produced, scored and consumed at most once (the
   ledger refuses anything else) and is always somewhere the ledger can see;
 - dynamic grouping (Self-Paced GRPO): a scored group whose trained rewards barely differ is dropped as low_signal
   (its slot given back) and its prompt re-sampled as a new group (new id, new seed), at most max_resamples times
@@ -161,7 +161,10 @@ class Pipeline:
 
     def _collect_scores(self) -> None:
         for name, pool in self.pools.items():
-            for gid, result in pool.ready():
+            retried = pool.counters.retried
+            results = pool.ready()
+            self.ledger.retried += pool.counters.retried - retried  # reward batches re-run after a failure
+            for gid, result in results:
                 group = self.scoring.get(gid)
                 if group is None:  # already dropped for a data error from another pool
                     continue
