@@ -116,3 +116,34 @@ def test_resume_with_a_different_model_shape_and_a_nan_reward_model(tmp_path, ra
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--resume", str(tmp_path / "run"),
                           "model.dim=48"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     one_line_error(out, "cannot resume", "has shape")
+
+
+NOT_A_SCORER = "class Thing:\n    pass\n\nclass WrongDims:\n    dims = ('a',)\n    version = '1'\n\n    def score(self, batch):\n        return {'b': [0.0] * len(batch['ids'])}\n"
+
+
+@pytest.mark.parametrize("model, fragments", [
+    ("{kind: clip}", ["rewards.models.x.kind", "'clip'"]),
+    ("{kind: python, callable: 'no_such_module_xyz:Scorer'}", ["rewards.models.x", "cannot import 'no_such_module_xyz'"]),
+    ("{kind: python, callable: 'plugin_bad:Thing', pythonpath: [DIR]}", ["'plugin_bad:Thing' is not a scorer"]),
+    ("{kind: http, url: 'ftp://10.0.0.5/score'}", ["rewards.models.x", "'ftp://10.0.0.5/score' is not an http(s) URL"]),
+    ("{kind: http, url: 'http://127.0.0.1:9', token_env: VIDEORL_NO_SUCH_TOKEN}",
+     ["environment variable 'VIDEORL_NO_SUCH_TOKEN' is not set"]),
+    ("{kind: oracle, url: 'http://127.0.0.1:9'}", ["url applies to kind http, not oracle"]),
+])
+def test_bad_reward_plugins(model, fragments, tmp_path):
+    (tmp_path / "plugin_bad.py").write_text(NOT_A_SCORER)
+    one_line_error(videorl("train", f"rewards.models={{x: {model.replace('DIR', str(tmp_path))}}}", tmp=tmp_path),
+                   *fragments)
+
+
+def test_a_scorer_returning_the_wrong_dims_stops_the_run_at_calibration(tmp_path):
+    (tmp_path / "plugin_bad.py").write_text(NOT_A_SCORER)
+    (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 0.5}\n")
+    out = videorl("train", "model.dim=32", "model.depth=2", "data.sft_clips=256", "pretrain.steps=5",
+                  "pretrain.batch_size=8", "rollout.steps=2", "rollout.group_size=4",
+                  f"rewards.models={{oracle: {{kind: oracle}}, x: {{kind: python, callable: 'plugin_bad:WrongDims', "
+                  f"pythonpath: [{tmp_path}]}}}}", f"rewards.profile={tmp_path / 'profile.yaml'}",
+                  "rewards.calibration.samples_per_prompt=1", "ray.num_cpus=2", tmp=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]  # after the progress lines of pretraining and calibration sampling
+    assert last == "videorl: error: sample clip-0: WrongDims.score returned dims ['b'], expected ['a']", last
