@@ -87,7 +87,7 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
     table = None if base.prompt_table is None else [ray.put(base.prompt_table)]  # one copy in the store for all actors
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
                           shared_prefix=r.shared_prefix, dtype=r.dtype, prompt_table=table, frames=r.frames,
-                          guidance=guidance_kwargs(cfg, reward_checkpoints))
+                          guidance=guidance_kwargs(cfg, reward_checkpoints), extras=tuple(r.extras))
     rollouts = [rollout_actor(i, cfg.model, base_path, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
                               num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
     pools, names = {}, {}

@@ -93,6 +93,9 @@ class RolloutConfig(Section):
     # rewarded and trained. None: one clip per rollout (history inside it, as shared_prefix says)
     frames: int | None = Field(None, gt=0)
     guidance: GuidanceConfig | None = None  # reward-guided rollouts (VideoAlign); None: the policy's own sampler
+    # extra per-clip fields the rollout adds to every reward batch (`rewards.audio_sync.EXTRAS`): "beat", a per-frame
+    # beat track from the prompt's speed, which the audio-sync scorer reads
+    extras: list[Literal["beat"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _prefix_needs_causal(self):

@@ -16,6 +16,7 @@ from orchestrator.hashing import SAMPLING_CODE, code_version, fingerprint
 from orchestrator.pretraining import Base, base_policy
 from orchestrator.prompts import load_prompt_file
 from policy.backend import Policy, video_shape
+from rewards.audio_sync import batch_extras
 from rewards.calibration import load_profile, profile_taus, read_calibration
 from rewards.errors import DataError
 from rewards.scorer import RewardScorer
@@ -85,9 +86,10 @@ def score_all(cfg: Config, models: dict[str, RewardScorer], videos: np.ndarray, 
     """{reward name: [N]} from every reward model, in-process (calibration, evaluation). A bad sample raises
     `DataError` naming its id (default ids: clip-<i>)."""
     ids = ids or [f"clip-{i}" for i in range(len(prompts))]
+    extras = batch_extras(cfg.rollout.extras, prompts, videos.shape[1])  # what the rollout adds to reward batches
     out = {}
     for name, scorer in models.items():
-        scores = scorer.score(videos, prompts, ids)
+        scores = scorer.score(videos, prompts, ids, **extras)
         for i, dim in enumerate(scorer.dims):
             out[cfg.rewards.models[name].prefix + dim] = scores[:, i]
     return out
@@ -131,7 +133,8 @@ def calibration_path(cfg: Config, base: Base, checkpoints: dict[str, str | None]
     scoring = {name: (spec.kind, spec.prefix, *([o] if (o := {k: v for k, v in spec.scorer_options().items()
                                                               if k != "retries"}) else []))
                for name, spec in cfg.rewards.models.items()}
-    key = fingerprint(scoring, cfg.rewards.calibration, cfg.rewards.profile, (r.sampler, r.eta, r.steps, r.shift, r.mode),
+    key = fingerprint(scoring, cfg.rewards.calibration, cfg.rewards.profile,
+                      (r.sampler, r.eta, r.steps, r.shift, r.mode, *([r.extras] if r.extras else [])),
                       base.key, json.dumps(checkpoints, sort_keys=True), *profiles, code)
     return cache_dir(cfg) / f"calibration-{key}.json"
 

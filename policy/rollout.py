@@ -34,7 +34,7 @@ class RolloutWorker:
 
     def __init__(self, model_cfg, base: str | None, *, mode: str, sampler: str, eta: float, steps: int, shift: float,
                  group_size: int, shared_prefix: bool = True, dtype: str | None = None, prompt_table=None,
-                 frames: int | None = None, guidance: dict | None = None):
+                 frames: int | None = None, guidance: dict | None = None, extras: tuple[str, ...] = ()):
         if dtype is not None and dtype != model_cfg.dtype:
             model_cfg = model_cfg.model_copy(update={"dtype": dtype})
         self.policy = load_policy(model_cfg, base, prompt_table=prompt_table).eval()  # sampling runs under no_grad
@@ -45,6 +45,7 @@ class RolloutWorker:
             raise ValueError(f"rollout frames={frames}: streaming needs causal mode and a multiple of chunk "
                              f"{shape.chunk} of at least the clip's {shape.frames} frames")
         self.frames = frames
+        self.extras = tuple(extras)  # extra reward-batch fields (`rewards.audio_sync.EXTRAS`), e.g. "beat"
         self.guide = None if guidance is None else RewardGuide.from_checkpoint(
             guidance["checkpoint"], guidance["dim"], guidance["weight"], guidance["beta"], device=self.policy.device)
         self.version = -1
@@ -57,7 +58,7 @@ class RolloutWorker:
     def generate(self, group_id: str, prompt: str, seed: int) -> tuple[dict, dict, dict]:
         """One group -> (reward batch, trajectory payload, metadata), ready for the object store.
 
-        reward batch: {"ids": [G], "videos": uint8 [G, T', H', W', 3] (decoded), "prompts": [G]};
+        reward batch: {"ids": [G], "videos": uint8 [G, T', H', W', 3] (decoded), "prompts": [G], the `extras` [G, T']};
         trajectory: latents float32 [G, K+1, T, C, H, W], log_probs [G, n_chunks, K], sigmas [K+1], cond (the prompt's
         conditioning [1, ...], so the learner needs no text encoder), prefix_chunks, mode, sde_type, eta, version,
         group_id, prompt. T is the clip's frames, or with streaming prefix_chunks * chunk + the clip's frames (the
@@ -81,6 +82,10 @@ class RolloutWorker:
         clip = traj.videos[:, length - shape.frames :]  # the reward models score the current clip window
         batch = {"ids": [f"{group_id}/{j}" for j in range(g)], "videos": self.policy.decode(clip),
                  "prompts": [prompt] * g}
+        if self.extras:
+            from rewards.audio_sync import batch_extras
+
+            batch.update(batch_extras(self.extras, batch["prompts"], batch["videos"].shape[1]))
         payload = {
             "group_id": group_id, "prompt": prompt, "version": self.version, "cond": cond.cpu(),
             "latents": traj.latents.cpu().numpy(), "log_probs": traj.log_probs.cpu().numpy(),

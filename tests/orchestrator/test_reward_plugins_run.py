@@ -144,3 +144,36 @@ def test_an_unreachable_service_fails_the_run_naming_the_url(tmp_path, cache):
     assert out.returncode == 2 and lines, out.stderr[-2000:]
     assert f"reward service {url} failed 2 times (ConnectionError)" in lines[0]
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_the_audio_sync_profile_is_calibrated_and_its_constraint_reported(tmp_path, cache, ray_cluster):
+    """configs/audio_sync.yaml (rollout.extras: [beat], the BeatSync plug-in, profile audio_sync) on the tiny model,
+    the oracle standing in for the learned vq / ta."""
+    from orchestrator.inputs import score_all, scorers
+    from rewards.audio_sync import BeatSync, batch_extras
+    from rewards.calibration import read_calibration
+
+    models = "{oracle: {kind: oracle}, sync: {kind: python, callable: 'rewards.audio_sync:BeatSync'}}"
+    args = [*[a for a in TINY if not a.startswith("rewards.models")], f"rewards.models={models}", f"cache_dir={cache}",
+            "eval.constraint_samples_per_prompt=2", "train.checkpoint_every=100", "train.steps=3"]
+    cfg = load_config(ROOT / "configs" / "audio_sync.yaml", args)
+    assert cfg.rollout.extras == ["beat"] and cfg.rewards.profile == "audio_sync"
+    summary = run_training(cfg, tmp_path / "run", progress=False)
+    sync = summary["constraints"]["sync"]
+    assert set(summary["constraints"]) == {"sync", "vq"} and np.isfinite(sync["tau"]) and np.isfinite(sync["final"])
+    cal = read_calibration(sorted(cache.glob("calibration-*.json"), key=lambda p: p.stat().st_mtime)[-1])
+    c = cal["profiles"]["audio_sync"]["constraints"]["sync"]
+    assert sync["tau"] == pytest.approx(c["mu"] + 1.0 * c["sigma"]) and c["sigma"] > 0
+    # "final" is BeatSync on the trained policy's held-out rollouts with their beat tracks
+    r = cfg.rollout
+    res = evaluate(load_policy(cfg.model, tmp_path / "run" / "final"), sampler=r.sampler, eta=r.eta, steps=r.steps,
+                   mode=r.mode, shift=r.shift, seeds_per_prompt=2, seed=cfg.eval.seed)
+    ids = [str(i) for i in range(len(res.prompts))]
+    direct = BeatSync().score({"ids": ids, "videos": res.videos, "prompts": res.prompts,
+                               **batch_extras(["beat"], res.prompts, res.videos.shape[1])})["sync"]
+    assert sync["final"] == pytest.approx(float(direct.mean()), rel=1e-5)
+    assert np.isfinite(read_metrics(tmp_path / "run")["reward/sync"]).all()
+    # without rollout.extras the scorer has no beat to hear: every batch is a data error
+    no_beat = load_config(ROOT / "configs" / "audio_sync.yaml", [*args, "rollout.extras=[]"])
+    with pytest.raises(Exception, match="no 'beat' track"):
+        score_all(no_beat, scorers(no_beat, {"oracle": None, "sync": None}), res.videos[:2], res.prompts[:2])
