@@ -52,7 +52,8 @@ class RewardWorker:
     def stats(self) -> dict:
         """{"name", "pid", "batches": batches scored by this process, "version": the model's}; a restart starts a new
         process at 0."""
-        return {"name": self.name, "pid": os.getpid(), "batches": self.batches, "version": self.scorer.version}
+        return {"name": self.name, "pid": os.getpid(), "batches": self.batches,
+                "version": getattr(self.scorer, "version", "")}
 
 
 def reward_actor(name: str, kind: str, checkpoint: str | None = None, *, num_cpus: float = 0.25,

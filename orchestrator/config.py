@@ -133,7 +133,8 @@ class RewardModelSpec(Section):
     def _kind_settings(self):
         own = {"python": ("callable", "kwargs", "pythonpath"), "http": ("url", "token_env", "retries")}
         for kind, keys in own.items():
-            given = [k for k in keys if k in self.model_fields_set]
+            # not "set": a resolved config.yaml (a resumed run) spells out every default
+            given = [k for k in keys if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
             if self.kind != kind and given:
                 raise ValueError(f"{given[0]} applies to kind {kind}, not {self.kind}")
         if self.kind == "python":
