@@ -110,11 +110,14 @@ class RolloutConfig(Section):
         return self
 
 
+VIDEOALIGN_KEYS = ("fps", "num_frames", "max_pixels", "aggregate", "normalize", "base", "rubric")
+
+
 class RewardModelSpec(Section):
     """One reward model served by its own pool of actors (one replica per GPU on a cluster). Every kind is a scorer
     plug-in (`rewards.scorer`); `python` loads any class, `http` scores through a remote service."""
 
-    kind: Literal["videoreward", "feedback", "oracle", "python", "http"]
+    kind: Literal["videoreward", "feedback", "oracle", "python", "http", "videoalign"]
     prefix: str = ""  # reward names are prefix + dimension (the oracle monitors as oracle_vq, ...)
     replicas: int = Field(1, ge=1)
     autoscale: AutoscaleConfig | None = None  # grow/shrink replicas with the reward backlog
@@ -128,10 +131,20 @@ class RewardModelSpec(Section):
     url: str | None = None  # http: the reward service, e.g. http://10.0.0.5:8000 (`videorl reward serve`)
     token_env: str | None = None  # http: environment variable holding a bearer token
     retries: int = Field(3, ge=0)  # http: retries of a batch (5xx, connection errors) before the pool retries it
+    # videoalign (`rewards.videoalign.VideoAlignScorer`; checkpoint: a VideoAlign directory): None keeps the
+    # checkpoint's model_config.json frame sampling
+    fps: float | None = Field(None, gt=0)  # frames sampled per second of video (the world renders 8)
+    num_frames: int | None = Field(None, ge=1)  # a fixed frame count instead of fps
+    max_pixels: int | None = Field(None, ge=28 * 28)  # per-frame pixel budget after resizing
+    aggregate: Literal["clip", "astrolabe", "vq_top_frames", "mq_grayscale"] = "clip"  # Astrolabe's aggregators
+    normalize: bool = True  # (r - mean) / std with the checkpoint's inference_config stats, when it has them
+    base: str | None = None  # LoRA checkpoint: the base weights (HF directory or hub id), else model_config.json's
+    rubric: str | None = None  # the prompt template ({prompt}, {vq}, {mq}, {ta}); None: rewards.videoalign.RUBRIC
 
     @model_validator(mode="after")
     def _kind_settings(self):
-        own = {"python": ("callable", "kwargs", "pythonpath"), "http": ("url", "token_env", "retries")}
+        own = {"python": ("callable", "kwargs", "pythonpath"), "http": ("url", "token_env", "retries"),
+               "videoalign": VIDEOALIGN_KEYS}
         for kind, keys in own.items():
             # not "set": a resolved config.yaml (a resumed run) spells out every default
             given = [k for k in keys if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
@@ -146,6 +159,16 @@ class RewardModelSpec(Section):
 
             check_url(self.url)
             read_token(self.token_env)
+        if self.kind == "videoalign":
+            if not self.checkpoint:
+                raise ValueError("kind videoalign needs checkpoint: a VideoAlign checkpoint directory (`videorl reward "
+                                 "train --model videoalign` writes one)")
+            if self.fps is not None and self.num_frames is not None:
+                raise ValueError("fps and num_frames both set: frames are sampled by one of them")
+            if self.rubric is not None:
+                from rewards.videoalign import check_rubric
+
+                check_rubric(self.rubric)
         return self
 
     def scorer_options(self) -> dict:
@@ -154,6 +177,8 @@ class RewardModelSpec(Section):
             return {"callable": self.callable, "kwargs": dict(self.kwargs), "pythonpath": list(self.pythonpath)}
         if self.kind == "http":
             return {"url": self.url, "token_env": self.token_env, "retries": self.retries}
+        if self.kind == "videoalign":
+            return {k: getattr(self, k) for k in VIDEOALIGN_KEYS}
         return {}
 
 
@@ -189,7 +214,8 @@ def configured_dims(spec: RewardModelSpec, rewards: RewardsConfig) -> tuple[str,
         return declared_dims(load_callable(spec.callable, spec.pythonpath)) or ()
     if spec.kind == "http":
         return ()
-    return {"oracle": ("vq", "mq", "ta"), "feedback": ("feedback",)}.get(spec.kind, tuple(rewards.reward_model.model.dims))
+    fixed = {"oracle": ("vq", "mq", "ta"), "videoalign": ("vq", "mq", "ta"), "feedback": ("feedback",)}
+    return fixed.get(spec.kind, tuple(rewards.reward_model.model.dims))
 
 
 def known_reward_names(rewards: RewardsConfig) -> set[str] | None:

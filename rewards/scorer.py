@@ -13,7 +13,8 @@ Anything else a scorer raises is infrastructure (the reward actor retries the ba
 Kinds: "oracle" (the world's ground truth), "videoreward" (the learned VideoAlign-style model, from a
 `VideoReward.save` directory), "feedback" (SCRL's primary reward R_f: the engagement predictor mixed with simulated
 clicks seeded by (seed, sample id), so a retried or re-batched sample gets the same reward), "python" (any class
-named by `callable: "pkg.module:Class"`), "http" (a remote reward service, `rewards.reward_http`).
+named by `callable: "pkg.module:Class"`), "http" (a remote reward service, `rewards.reward_http`), "videoalign" (a
+VideoAlign VLM reward checkpoint, `rewards.videoalign.VideoAlignScorer`).
 `RewardScorer` checks what goes in (clip shapes, pixel range) and what comes out (the declared dims, [N] each,
 finite), so a plug-in's mistake is a DataError naming a sample, not a NaN in the learner.
 """
@@ -33,7 +34,7 @@ from rewards import oracle
 from rewards.errors import DataError, check_scores, check_videos
 from rewards.world import as_prompt
 
-KINDS = ("oracle", "videoreward", "feedback", "python", "http")
+KINDS = ("oracle", "videoreward", "feedback", "python", "http", "videoalign")
 BATCH_KEYS = ("ids", "videos", "prompts")  # every batch has them; anything else is an extra field
 
 
@@ -145,7 +146,8 @@ def declared_dims(cls: type) -> tuple[str, ...] | None:
 def build_plugin(kind: str, checkpoint: str | Path | None = None, frame_shape=(8, 16, 16, 3), *,
                  device: str | None = None, **options):
     """The scorer object of a kind. options: "feedback": users_seed, n_users, impression_rate, mix; "python":
-    callable, kwargs, pythonpath; "http": url and the client's settings (`rewards.reward_http.HttpScorer`)."""
+    callable, kwargs, pythonpath; "http": url and the client's settings (`rewards.reward_http.HttpScorer`);
+    "videoalign": `rewards.videoalign.VideoAlignScorer`'s (fps, num_frames, max_pixels, aggregate, normalize, ...)."""
     if kind == "oracle":
         return OracleScorer()
     if kind == "videoreward":
@@ -162,6 +164,10 @@ def build_plugin(kind: str, checkpoint: str | Path | None = None, frame_shape=(8
         from rewards.reward_http import HttpScorer
 
         return HttpScorer(**options)
+    if kind == "videoalign":
+        from rewards.videoalign import VideoAlignScorer
+
+        return VideoAlignScorer(_existing(_needs(checkpoint, kind), kind), device=_device(device), **options)
     raise ValueError(f"unknown reward kind {kind!r}; expected one of {list(KINDS)}")
 
 
