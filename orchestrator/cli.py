@@ -297,7 +297,7 @@ def cmd_reward(args) -> None:
     from orchestrator.config import cache_dir
     from orchestrator.pretraining import base_policy
     from orchestrator.reward_training import (ensure_engagement_model, ensure_preference_data, ensure_reward_model,
-                                              reward_bench, reward_bench_seeds)
+                                              ensure_videoalign_model, reward_bench, reward_bench_seeds)
     from orchestrator.tables import format_table, write_json
     from rewards.preference import summary
 
@@ -317,9 +317,14 @@ def cmd_reward(args) -> None:
     if args.action == "data":
         print(json.dumps(summary(data), indent=2))
         print(f"preference data: {data}")
+    elif args.action == "train" and args.model == "videoalign":
+        path = ensure_videoalign_model(r.videoalign, data, cache, loss=args.loss, force=args.force)
+        print(f"videoalign reward model ({args.loss or r.videoalign.loss}): {path}")
     elif args.action == "train":
         path = ensure_reward_model(r.reward_model, data, cache, loss=args.loss, force=args.force)
         print(f"reward model ({args.loss or r.reward_model.loss}): {path}")
+    elif args.seeds > 1 and args.models != ["videoreward"]:
+        raise ValueError("--seeds > 1 benches VideoReward (--models videoreward) only")
     elif args.seeds > 1:  # bench over seeds: own data and models per seed
         rows, result = reward_bench_seeds(r, base, cache, args.seeds, args.losses, cfg.rollout.mode, cfg.rollout.steps,
                                           shift=cfg.rollout.shift)
@@ -330,8 +335,11 @@ def cmd_reward(args) -> None:
                              "min vq/mq/ta": "/".join(f"{x[d + '_min']:.3f}" for d in ("vq", "mq", "ta"))} for x in rows]))
         print(f"wrote {write_json(result, out / 'reward_bench_seeds.json')}")
     else:  # bench
-        dirs = {loss: ensure_reward_model(r.reward_model, data, cache, loss=loss) for loss in args.losses}
-        rows, result = reward_bench(dirs, data)
+        dirs = {loss: ensure_reward_model(r.reward_model, data, cache, loss=loss)
+                for loss in args.losses if "videoreward" in args.models}
+        vlm = {loss: ensure_videoalign_model(r.videoalign, data, cache, loss=loss)
+               for loss in args.losses if "videoalign" in args.models}
+        rows, result = reward_bench(dirs, data, videoalign_dirs=vlm)
         print("held-out pairwise accuracy (a tie counts right when |delta| is under the model's tie threshold)")
         print(format_table(rows))
         print(f"wrote {write_json(result, out / 'reward_bench.json')}")
@@ -491,10 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="rebuild even when cached")
         p.set_defaults(func=cmd_reward)
         if action == "train":
-            p.add_argument("--loss", choices=["regression", "bt", "btt"], help="default rewards.reward_model.loss")
-            p.add_argument("--model", choices=["videoreward", "engagement"], default="videoreward")
+            p.add_argument("--loss", choices=["regression", "bt", "btt"],
+                           help="default rewards.reward_model.loss (rewards.videoalign.loss with --model videoalign)")
+            p.add_argument("--model", choices=["videoreward", "videoalign", "engagement"], default="videoreward",
+                           help="videoalign: a tiny VideoAlign VLM reward (rewards.videoalign), see rewards.videoalign.*")
         if action == "bench":
             p.add_argument("--losses", nargs="+", default=["regression", "bt", "btt"], choices=["regression", "bt", "btt"])
+            p.add_argument("--models", nargs="+", default=["videoreward"], choices=["videoreward", "videoalign"],
+                           help="reward models to bench at each loss (videoalign: trained with rewards.videoalign.*)")
             p.add_argument("--seeds", type=int, default=1, help="seeds of data and reward models (> 1: mean ± std, "
                            "writes reward_bench_seeds.json)")
 

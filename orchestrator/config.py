@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from orchestrator.autoscale import AutoscaleConfig
 from orchestrator.chaos import ChaosConfig
 from orchestrator.hashing import POLICY_CODE, code_version, fingerprint
-from orchestrator.reward_training import EngagementConfig, RewardTrainConfig
+from orchestrator.reward_training import EngagementConfig, RewardTrainConfig, VideoAlignTrainConfig
 from policy.learner import LearnerConfig, check_rewards
 from policy.model import ModelConfig
 from policy.wan.config import WanConfig
@@ -202,6 +202,7 @@ class RewardsConfig(Section):
     preference: PreferenceDataConfig = PreferenceDataConfig()
     reward_model: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
     engagement: EngagementConfig = EngagementConfig()
+    videoalign: VideoAlignTrainConfig = VideoAlignTrainConfig()  # `videorl reward train --model videoalign`
     calibration: CalibrationConfig = CalibrationConfig()
     curriculum: CurriculumConfig | None = None  # Self-Paced GRPO channel weights over these rewards
 
@@ -283,7 +284,7 @@ class Config(Section):
         """The sections whose `seed` the top-level seed sets."""
         r = self.rewards
         return [self.data, *([self.pretrain] if self.pretrain else []), r.preference, r.reward_model, r.engagement,
-                r.calibration, self.train]
+                r.videoalign, r.calibration, self.train]
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -5,8 +5,9 @@
 - `ensure_reward_model`: a `VideoReward` trained with one loss (regression, BT or BTT) on the TRAIN split,
   cached per (data content, train config, loss). The directory holds `model.safetensors` + `config.json`
   (`VideoReward.save`) and `train.json` (seconds, losses).
+- `ensure_videoalign_model`: a tiny VideoAlign VLM reward (`rewards.videoalign`) trained the same way, cached alike.
 - `reward_bench`: VideoAlign's reward benchmark on the HELD-OUT split (prompts no model trained on; labels
-  noise-free): pairwise accuracy per dimension and overall, without ties and with ties.
+  noise-free): pairwise accuracy per dimension and overall, without ties and with ties, of either model.
 - `reward_bench_seeds`: the same over several seeds (own data and models per seed): mean ± std per loss and dimension.
 - `ensure_engagement_model`: simulated users' sparse click logs on base samples, true and degraded renders
   train the dense engagement predictor (SCRL's primary reward); held-out AUC against a constant and the
@@ -57,6 +58,22 @@ class RewardTrainConfig(BaseModel):
     augment: bool = Field(True, description="random label-preserving world symmetries (colour permutations, mirror)")
     seed: int = 0
     model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+
+
+class VideoAlignTrainConfig(BaseModel):
+    """How `videorl reward train --model videoalign` fine-tunes a VideoAlign-style VLM reward on the same preference
+    data: a tiny random Qwen2-VL (`rewards.videoalign.build_tiny_videoalign`, seeded by `seed`: a 2-layer text model of
+    width 64 and one vision block, 0.22 M parameters; the world's 16 x 16 frames upsampled to 56 x 56, every frame,
+    VideoAlign's rubric prompt), trained whole with `rewards.videoalign.train_videoalign`. About 3 minutes on one
+    shared CPU core at the defaults (0.14 s a step); lr 3e-3 does not learn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: Loss = "btt"
+    steps: int = Field(1000, ge=1, description="optimiser steps")
+    batch_size: int = Field(16, ge=1, description="pairs per step")
+    lr: float = Field(1e-3, gt=0, le=1, description="peak AdamW learning rate (warm-up, then cosine to 0)")
+    seed: int = Field(0, description="the random model and the batches")
 
 
 class EngagementConfig(BaseModel):
@@ -165,6 +182,44 @@ def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Pat
     return _publish(tmp, out)
 
 
+def videoalign_model_dir(train_cfg: VideoAlignTrainConfig, data_dir: Path, cache: Path, loss: str | None = None) -> Path:
+    """Where `ensure_videoalign_model` keeps the model for (data content, train config, loss)."""
+    cfg = train_cfg.model_copy(update={"loss": loss or train_cfg.loss})
+    code = code_version("rewards.videoalign", "rewards.losses")
+    return Path(cache) / f"videoalign-{cfg.loss}-{fingerprint(_data_key(Path(data_dir)), cfg, code)}"
+
+
+def ensure_videoalign_model(train_cfg: VideoAlignTrainConfig, data_dir: Path, cache: Path, loss: str | None = None,
+                            force: bool = False, progress: bool = True) -> Path:
+    """Train (or reuse) a tiny VideoAlign VLM reward (see `VideoAlignTrainConfig`) on the train split of `data_dir`.
+
+    Returns the directory in VideoAlign's layout (`save_videoalign_checkpoint`: model.pth, config.json, tokenizer,
+    model_config.json), what `kind: videoalign` loads, plus train.json as `ensure_reward_model` writes it."""
+    from rewards.videoalign import build_tiny_videoalign, save_videoalign_checkpoint, train_videoalign
+
+    loss = loss or train_cfg.loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+    data_dir = Path(data_dir)
+    out = videoalign_model_dir(train_cfg, data_dir, cache, loss)
+    if not force and (out / "model.pth").is_file() and (out / "train.json").is_file():
+        return out
+    train = read_preference_data(data_dir, "train")
+    model = build_tiny_videoalign(seed=train_cfg.seed)
+    start = time.perf_counter()
+    history = train_videoalign(model, train, loss, steps=train_cfg.steps, batch_size=train_cfg.batch_size,
+                               lr=train_cfg.lr, k=RAO_KUPPER_K, seed=train_cfg.seed, progress=progress)
+    seconds = time.perf_counter() - start
+    tmp = _fresh_tmp(out)
+    save_videoalign_checkpoint(model, tmp, base_name="tiny-random-qwen2_vl")
+    (tmp / "train.json").write_text(json.dumps({
+        "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
+        "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
+        "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
+    }, indent=2))
+    return _publish(tmp, out)
+
+
 @torch.no_grad()
 def fit_tie_threshold(delta: np.ndarray, labels: np.ndarray) -> float:
     """The |Δ| threshold that maximises with-ties accuracy on (delta, labels) [N, D]: for a model without a tie
@@ -176,8 +231,8 @@ def fit_tie_threshold(delta: np.ndarray, labels: np.ndarray) -> float:
     return float(candidates[int(np.argmax(acc))])
 
 
-def _tie_threshold(loss: str, model: VideoReward, data_dir: Path) -> tuple[float, str]:
-    """Each loss's own notion of a tie (see `reward_bench`)."""
+def _tie_threshold(loss: str, deltas, data_dir: Path) -> tuple[float, str]:
+    """Each loss's own notion of a tie (see `reward_bench`); deltas: PreferencePairs -> r_a - r_b [N, 3]."""
     if loss == "btt":
         return losses.tie_threshold(RAO_KUPPER_K), f"Rao-Kupper k={RAO_KUPPER_K:g}: ln((k^2-2)/k)"
     if loss == "regression":
@@ -189,15 +244,29 @@ def _tie_threshold(loss: str, model: VideoReward, data_dir: Path) -> tuple[float
     if len(val) == 0:
         return 0.0, "no validation pairs: 0"
     pairs = PreferencePairs(val.video_a, val.video_b, val.prompts, val.labels)
-    delta = score_differences(model, pairs, batch_size=256)
-    return fit_tie_threshold(delta, val.labels), "fitted on the validation split (annotated labels)"
+    return fit_tie_threshold(deltas(pairs), val.labels), "fitted on the validation split (annotated labels)"
 
 
-def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = True) -> tuple[list[dict], dict]:
+def _scorer(kind: str, directory: Path):
+    """A bench model's PreferencePairs -> r_a - r_b [N, 3] (float64)."""
+    if kind == "videoalign":
+        from rewards import videoalign
+
+        model = videoalign.load_videoalign(directory, device="cpu")
+        return lambda pairs: videoalign.score_differences(model, pairs, batch_size=32)
+    model = VideoReward.load(directory)
+    if tuple(model.cfg.dims) != DIMS:
+        raise ValueError(f"{directory}: the benchmark scores dims {DIMS}, the model has {model.cfg.dims}")
+    return lambda pairs: score_differences(model, pairs, batch_size=256)
+
+
+def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = True,
+                 videoalign_dirs: dict[str, Path] | None = None) -> tuple[list[dict], dict]:
     """VideoAlign's reward benchmark on the held-out split of `data_dir` for each trained loss.
 
-    model_dirs: {loss: directory from `ensure_reward_model`}. Returns (rows, result):
-    rows, one per (loss, ties) with vq, mq, ta, overall (pairwise accuracy); result (JSON-ready) with the same
+    model_dirs: {loss: VideoReward directory from `ensure_reward_model`}; videoalign_dirs: {loss: VideoAlign VLM
+    directory from `ensure_videoalign_model`}, benched alike (JSON key "videoalign-<loss>"). Returns (rows, result):
+    rows, one per (model, loss, ties) with vq, mq, ta, overall (pairwise accuracy); result (JSON-ready) with the same
     numbers, the tie threshold of each model and how it was chosen, accuracy per pair kind, and pair counts.
     Without ties: only pairs whose label is not a tie count; right when sign(Δ) matches. With ties: every
     pair counts; the model predicts a tie when |Δ| is under its tie threshold: BTT's Rao–Kupper threshold,
@@ -214,13 +283,14 @@ def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = T
               "tie": {d: int((held.labels[:, j] == 0).sum()) for j, d in enumerate(DIMS)},
               "kinds": {k: int((kinds == k).sum()) for k in sorted(set(held.kind))}}
     rows, models = [], {}
-    for loss, directory in tqdm(model_dirs.items(), desc="reward bench", unit="model", disable=not progress):
-        model = VideoReward.load(directory)
-        if tuple(model.cfg.dims) != DIMS:
-            raise ValueError(f"{directory}: the benchmark scores dims {DIMS}, the model has {model.cfg.dims}")
-        delta = score_differences(model, pairs, batch_size=256)
-        threshold, source = _tie_threshold(loss, model, data_dir)
-        entry = {"dir": str(directory), "tie_threshold": threshold, "tie_threshold_from": source}
+    benched = [("videoreward", loss, d) for loss, d in model_dirs.items()]
+    benched += [("videoalign", loss, d) for loss, d in (videoalign_dirs or {}).items()]
+    for kind, loss, directory in tqdm(benched, desc="reward bench", unit="model", disable=not progress):
+        deltas = _scorer(kind, Path(directory))
+        delta = deltas(pairs)
+        threshold, source = _tie_threshold(loss, deltas, data_dir)
+        entry = {"model": kind, "loss": loss, "dir": str(directory), "tie_threshold": threshold,
+                 "tie_threshold_from": source}
         train_info = Path(directory) / "train.json"
         if train_info.is_file():
             entry["train"] = {k: v for k, v in json.loads(train_info.read_text()).items() if k != "config"}
@@ -228,13 +298,13 @@ def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = T
             per_dim, overall = preference_accuracy(delta, held.labels, with_ties, threshold)
             acc = {**{d: float(a) for d, a in zip(DIMS, per_dim)}, "overall": float(overall)}
             entry["with_ties" if with_ties else "without_ties"] = acc
-            rows.append({"loss": loss, "ties": "with" if with_ties else "without", **acc})
+            rows.append({"model": kind, "loss": loss, "ties": "with" if with_ties else "without", **acc})
         entry["without_ties_by_kind"] = {}
         for k in counts["kinds"]:
             per_dim, overall = preference_accuracy(delta[kinds == k], held.labels[kinds == k], False, threshold)
             entry["without_ties_by_kind"][k] = {**{d: _json_float(a) for d, a in zip(DIMS, per_dim)},
                                                 "overall": _json_float(overall)}
-        models[loss] = entry
+        models[loss if kind == "videoreward" else f"{kind}-{loss}"] = entry
     return rows, {"data": str(data_dir), "split": "heldout", "counts": counts, "models": models}
 
 

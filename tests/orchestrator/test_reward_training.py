@@ -180,7 +180,7 @@ def test_tiny_end_to_end_train_bench_and_cache(tmp_path):
 
     rows, result = reward_bench(dirs, data, progress=False)
     assert [(r["loss"], r["ties"]) for r in rows] == [(l, t) for l in dirs for t in ("without", "with")]
-    assert all(set(r) == {"loss", "ties", "vq", "mq", "ta", "overall"} for r in rows)
+    assert all(set(r) == {"model", "loss", "ties", "vq", "mq", "ta", "overall"} and r["model"] == "videoreward" for r in rows)
     counts = result["counts"]
     assert counts["pairs"] == 144 and counts["prompts"] == 24
     assert all(counts["non_tie"][d] + counts["tie"][d] == 144 for d in DIMS)
