@@ -46,6 +46,11 @@ class RewardWorker:
         self.batches += 1
         return scores
 
+    def score_versioned(self, batch: dict) -> tuple[np.ndarray, str]:
+        """`score` and the model version that gave these scores (an http service's may change between batches); the
+        pool calls it with num_returns=2."""
+        return self.score(batch), str(getattr(self.scorer, "version", ""))
+
     def ping(self) -> str:
         return self.name
 

@@ -63,6 +63,9 @@ class SimulatedReward:
             raise DataError(batch["ids"][0], "simulated bad sample")
         return np.zeros((len(batch["ids"]), 1), np.float32)
 
+    def score_versioned(self, batch: dict) -> tuple[np.ndarray, str]:
+        return self.score(batch), "simulated"
+
     def ping(self) -> str:
         return self.name
 

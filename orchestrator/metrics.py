@@ -28,6 +28,18 @@ def _scalar(key: str, value) -> float:
     return float(value)
 
 
+TEXT_COLUMNS = ("reward_version/",)  # columns of these prefixes hold text (the reward model version per step)
+
+
+def _value(key: str, value) -> float | str:
+    """A row value: a scalar (`_scalar`), or a text in a TEXT_COLUMNS column."""
+    if key.startswith(TEXT_COLUMNS):
+        if not isinstance(value, str):
+            raise ValueError(f"metric {key!r} must be a str, got {type(value).__name__}: {value!r}")
+        return value
+    return _scalar(key, value)
+
+
 def _read_rows(path: Path) -> list[dict]:
     """Rows of an existing metrics.parquet as dicts (nulls become NaN)."""
     rows = pq.read_table(path).to_pylist()
@@ -35,13 +47,18 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
-    """"step" as int64 first, then every other column as float64 in order of first appearance; missing -> NaN."""
+    """"step" as int64 first, then every other column as float64 (missing -> NaN), or string where any value is a text
+    (missing -> null), in order of first appearance."""
     names: dict[str, None] = {}
     for r in rows:
         names.update(dict.fromkeys(k for k in r if k != "step"))
     cols = {"step": pa.array([r["step"] for r in rows], pa.int64())}
     for n in names:
-        cols[n] = pa.array([r.get(n, math.nan) for r in rows], pa.float64())
+        values = [r.get(n, math.nan) for r in rows]
+        if any(isinstance(v, str) for v in values):
+            cols[n] = pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+        else:
+            cols[n] = pa.array(values, pa.float64())
     return pa.table(cols)
 
 
@@ -63,7 +80,8 @@ class MetricsLog:
     """Per-step metric rows -> `run_dir/metrics.parquet` (+ TensorBoard scalars in `run_dir/tb`).
 
     A row is a flat dict: "step" (int, required) plus scalar values under any names (`reward/vq`, `lambda/ta`,
-    `loss/policy`, ...; NaN allowed for "not measured"). Columns may appear at any step; earlier rows read NaN.
+    `loss/policy`, ...; NaN allowed for "not measured"), or texts under TEXT_COLUMNS (`reward_version/<model>`; not in
+    TensorBoard). Columns may appear at any step; earlier rows read NaN.
     Rows are flushed every `flush_every` rows and on `close()`. The file is rewritten whole on each flush
     (parquet cannot append; a run has at most a few thousand rows), always atomically.
 
@@ -123,11 +141,11 @@ class MetricsLog:
             if k != "step":
                 if not isinstance(k, str) or not k:
                     raise ValueError(f"metric names must be non-empty strings, got {k!r}")
-                clean[k] = _scalar(k, v)
+                clean[k] = _value(k, v)
         self._rows.append(clean)
         if self._tb is not None:
             for k, v in clean.items():
-                if k != "step" and not math.isnan(v):  # NaN = not measured: no point on the curve
+                if k != "step" and not isinstance(v, str) and not math.isnan(v):  # NaN = not measured: no point
                     self._tb.add_scalar(k, v, step)
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
@@ -163,7 +181,8 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """Columns of `run_dir/metrics.parquet` sorted by step: "step" int64 [S], every other column float64 [S] (NaN = missing)."""
+    """Columns of `run_dir/metrics.parquet` sorted by step: "step" int64 [S], every other column float64 [S] (NaN =
+    missing), or an object array of str (None = missing) for a text column (reward_version/<model>)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no metrics file at {path}")
@@ -172,7 +191,10 @@ def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
     out = {}
     for name in table.column_names:
         col = table.column(name).to_numpy(zero_copy_only=False)
-        out[name] = (col.astype(np.int64) if name == "step" else col.astype(np.float64))[order]
+        if pa.types.is_string(table.schema.field(name).type):
+            out[name] = col.astype(object)[order]
+        else:
+            out[name] = (col.astype(np.int64) if name == "step" else col.astype(np.float64))[order]
     return out
 
 

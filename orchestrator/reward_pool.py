@@ -7,7 +7,9 @@ Guarantees (tested with a real cluster, killing a replica mid-batch):
   as an InfraError result (counted in `failed`), so results already collected are never lost;
 - a DataError (a bad sample, named) is never retried: it fails the same way anywhere;
 - `scale_to(n)` adds replicas that take work at once and retires surplus ones only after
-  what they hold has finished.
+  what they hold has finished;
+- `version` is the model version that scored the latest batch (replicas return it with the scores), `versions` every
+  one seen.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class _Job:
     attempt: int = 0
     replica: str = ""
     not_before: float = 0.0
+    version_ref: ray.ObjectRef | None = None  # the model version the replica scored it with
 
 
 @dataclass
@@ -53,6 +56,8 @@ class RewardPool:
         self.running: dict[ray.ObjectRef, _Job] = {}
         self.waiting: list[_Job] = []  # retries in back-off
         self.counters = PoolCounters()
+        self.version = ""  # the model version of the latest scored batch
+        self.versions: list[str] = []  # every version that scored a batch, in the order first seen
         self._next_index = 0
         self.scale_to(replicas)
 
@@ -91,7 +96,8 @@ class RewardPool:
         choices = [r for r in self.replicas if r != avoid] or list(self.replicas)
         job.replica = min(choices, key=lambda r: self.load[r])
         self.load[job.replica] += 1
-        self.running[self.replicas[job.replica].score.remote(job.ref)] = job
+        scores, job.version_ref = self.replicas[job.replica].score_versioned.options(num_returns=2).remote(job.ref)
+        self.running[scores] = job
 
     def ready(self, timeout: float = 0.0) -> list[tuple[str, object]]:
         """Finished batches as (batch_id, scores float32 [N, D], or a DataError / InfraError); waits up to `timeout` s."""
@@ -109,6 +115,9 @@ class RewardPool:
             try:
                 out.append((job.batch_id, ray.get(ref)))
                 self.counters.scored += 1
+                self.version = ray.get(job.version_ref)  # returned by the same call: already there
+                if self.version not in self.versions:
+                    self.versions.append(self.version)
             except DataError as e:
                 out.append((job.batch_id, e))
                 self.counters.failed += 1

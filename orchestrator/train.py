@@ -53,6 +53,7 @@ class Run:
         self.controller_state = ray.get(actors.controller.state_dict.remote())  # as of the last update: survives a controller restart
         self.curriculum = SelfPacedCurriculum(cfg.rewards.curriculum) if cfg.rewards.curriculum else None
         self.samples = 0
+        self.reward_versions: dict[str, list[str]] = {}  # per reward model, the versions that scored its batches
         self.started = time.perf_counter()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -140,6 +141,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
         scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
         row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
         row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0, streaks))
+        row.update({f"reward_version/{name}": pool.version for name, pool in pipe.pools.items()})  # latest batch's
         scored_before = scored
         if victim := chaos.maybe_kill():
             print(f"chaos: killed {victim}")
@@ -157,6 +159,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     log.close()
     pipe.close()
     run.held = pipe.held()
+    run.reward_versions = {name: list(pool.versions) for name, pool in pipe.pools.items()}
     return run
 
 
@@ -193,7 +196,7 @@ def _scale_reward_pools(cfg: Config, actors: RunActors, pipe: Pipeline, steps_do
 
 def _dashboard(dash: DashboardMetrics, row: dict, pipe: Pipeline) -> None:
     for key, value in row.items():
-        if key != "step":
+        if key != "step" and not isinstance(value, str):  # reward_version/*: text
             dash.set(key, float(value))
     for name, pool in pipe.pools.items():
         for replica, load in pool.load.items():
@@ -283,6 +286,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
                     "training_batches": last_quarter.get(inputs.primary)},
         "lambdas": run.lambdas,
         "ledger": run.ledger.balance(run.held),
+        "reward_versions": run.reward_versions,  # per reward model, every version that scored a batch of this process
         "throughput": {"samples": run.samples, "seconds": round(time.perf_counter() - run.started, 1),
                        "samples_per_s": run.samples / (time.perf_counter() - run.started)},
         "steps": run.step,

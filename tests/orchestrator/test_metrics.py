@@ -58,6 +58,20 @@ def test_resume_discards_steps_at_or_after_start_and_never_duplicates(tmp_path):
     np.testing.assert_allclose(m["loss/policy"], [0, 1, 2, 3, 4, 5, 106, 107, 108])
 
 
+def test_reward_version_columns_hold_text_across_a_resume(tmp_path):
+    with MetricsLog(tmp_path, flush_every=2, tensorboard=False) as log:
+        for s in range(4):
+            log.log({"step": s, "reward/vq": float(s), **({"reward_version/remote": f"v{s // 2}"} if s else {})})
+    log = MetricsLog(tmp_path, start_step=3, tensorboard=False)  # re-reads the text column, rewrites it
+    log.log({"step": 3, "reward/vq": 30.0, "reward_version/remote": "v9"})
+    log.close()
+    m = read_metrics(tmp_path)
+    assert m["reward_version/remote"].tolist() == [None, "v0", "v1", "v9"]
+    np.testing.assert_allclose(m["reward/vq"], [0, 1, 2, 30])
+    with pytest.raises(ValueError, match="reward_version/remote' must be a str"):
+        MetricsLog(tmp_path / "x", tensorboard=False).log({"step": 0, "reward_version/remote": 1.0})
+
+
 def test_bad_rows_name_the_problem(tmp_path):
     log = MetricsLog(tmp_path, tensorboard=False)
     with pytest.raises(ValueError, match="'step'"):
