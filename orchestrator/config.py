@@ -125,6 +125,8 @@ class RewardModelSpec(Section):
     num_gpus: float = Field(0.0, ge=0)
     checkpoint: str | None = None  # None: trained by videorl and cached
     delay_s: float = Field(0.0, ge=0)  # simulated device time per batch (benchmarks)
+    # groups in a row dropped for infrastructure errors of this model (its pool's retries spent) that end the run
+    max_consecutive_failures: int = Field(3, ge=1)
     callable: str | None = None  # python: "pkg.module:Class", a scorer class
     kwargs: dict[str, Any] = Field(default_factory=dict)  # python: the class's constructor arguments
     pythonpath: list[str] = Field(default_factory=list)  # python: directories put first on sys.path where it loads

@@ -10,6 +10,9 @@ Guarantees:
   latest weights are re-sent to the restarted one, and counted as retried; reward batches are
   retried by their pool (each re-run counted as retried too). Every group id is produced, scored and consumed at most once (the
   ledger refuses anything else) and is always somewhere the ledger can see;
+- a reward model whose pool gives up (retries spent) on `fail_after[name]` groups in a row, with no batch of it scored
+  or refused in between, ends the run: `RewardModelDown` naming the model (a service gone for good would otherwise
+  drop every new group forever);
 - dynamic grouping (Self-Paced GRPO): a scored group whose trained rewards barely differ is dropped as low_signal
   (its slot given back) and its prompt re-sampled as a new group (new id, new seed), at most max_resamples times
   per prompt; then the next low-signal group of that prompt is trained as it is (counted as low_signal_kept).
@@ -33,6 +36,10 @@ from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
 from rewards.advantages import low_signal_groups
 from rewards.errors import DataError
+
+
+class RewardModelDown(ConnectionError):
+    """A reward model failed `fail_after` groups in a row after every retry: the run cannot go on."""
 
 
 @dataclass
@@ -82,9 +89,12 @@ class Pipeline:
     def __init__(self, workers: list, pools: dict[str, RewardPool], reward_names: dict[str, list[str]],
                  prompts: PromptCursor, staleness: StalenessManager, ledger: Ledger, seed: int,
                  next_group: int = 0, per_worker: int = 2, group_size: int = 1, dynamic_grouping=None,
-                 signal_rewards: Sequence[str] = ()):
+                 signal_rewards: Sequence[str] = (), fail_after: dict[str, int] | None = None,
+                 describe: dict[str, str] | None = None):
         """dynamic_grouping: `rollout.dynamic_grouping` (min_std, max_resamples) or None; signal_rewards: the reward
-        names whose spread counts as signal (the learner's channels)."""
+        names whose spread counts as signal (the learner's channels); fail_after: {pool: N}, end the run after N
+        groups in a row dropped for infrastructure errors of that pool (absent: never); describe: {pool: how errors
+        name it}, e.g. its URL."""
         self.workers, self.pools, self.reward_names = workers, pools, reward_names
         self.prompts, self.staleness, self.ledger = prompts, staleness, ledger
         self.seed, self.next_group, self.per_worker, self.group_size = seed, next_group, per_worker, group_size
@@ -95,6 +105,8 @@ class Pipeline:
         self.rollout_busy_s = 0.0
         self.dynamic_grouping, self.signal_rewards = dynamic_grouping, list(signal_rewards)
         self.resample: deque[tuple[str, int]] = deque()  # (prompt, re-samples so far), started before new prompts
+        self.fail_after, self.describe = dict(fail_after or {}), dict(describe or {})
+        self.failing = dict.fromkeys(pools, 0)  # groups in a row each pool gave up on
 
     # -- weights ---------------------------------------------------------------------------
     def publish(self, version: int, weights_ref: ray.ObjectRef) -> None:
@@ -165,14 +177,19 @@ class Pipeline:
             results = pool.ready()
             self.ledger.retried += pool.counters.retried - retried  # reward batches re-run after a failure
             for gid, result in results:
+                self.failing[name] = self.failing[name] + 1 if isinstance(result, InfraError) else 0
                 group = self.scoring.get(gid)
-                if group is None:  # already dropped for a data error from another pool
-                    continue
-                if isinstance(result, (DataError, InfraError)):
+                if group is not None and isinstance(result, (DataError, InfraError)):
                     print(f"dropping group {gid}: {result}")
                     self.ledger.skipped_samples += self.group_size
                     self._drop(gid, "data_error" if isinstance(result, DataError) else "infra_error")
                     del self.scoring[gid]
+                if self.failing[name] >= self.fail_after.get(name, float("inf")):
+                    raise RewardModelDown(
+                        f"reward model {self.describe.get(name, name)} failed {self.failing[name]} groups in a row "
+                        f"after its retries ({str(result).splitlines()[0][:300]}); the run stops, its last checkpoint "
+                        "is kept")
+                if group is None or isinstance(result, (DataError, InfraError)):  # dropped, now or before
                     continue
                 for i, reward in enumerate(self.reward_names[name]):
                     group.rewards[reward] = result[:, i]

@@ -118,7 +118,9 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     channels = dict.fromkeys([primary, *taus, *(curriculum.rewards if curriculum else [])])  # what the learner trains on
     pipe = Pipeline(actors.rollouts, actors.pools, actors.reward_names, run.cursor, staleness, run.ledger,
                     seed=cfg.train.seed, next_group=run.next_group, group_size=cfg.rollout.group_size,
-                    dynamic_grouping=cfg.rollout.dynamic_grouping, signal_rewards=list(channels))
+                    dynamic_grouping=cfg.rollout.dynamic_grouping, signal_rewards=list(channels),
+                    fail_after={n: s.max_consecutive_failures for n, s in cfg.rewards.models.items()},
+                    describe={n: f"{n!r} ({s.url})" if s.url else repr(n) for n, s in cfg.rewards.models.items()})
     channel_weights = (lambda batch: run.curriculum.update(batch_means(batch))) if run.curriculum else None
     log = MetricsLog(run_dir, start_step=run.step)
     dash = DashboardMetrics()

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from orchestrator.config import load_config
+from orchestrator.checkpoint import latest_checkpoint
 from orchestrator.evaluation import evaluate
 from orchestrator.metrics import read_metrics
 from orchestrator.train import run_training
@@ -52,6 +53,28 @@ class RefuseOne(OracleScorer):
 '''
 
 
+ORACLE_V2 = '''
+from rewards.scorer import OracleScorer
+
+class OracleV2(OracleScorer):
+    """The oracle under a new version name: a service restarted with another model."""
+    version = "oracle-v2"
+'''
+
+FAIL_TRAINING = '''
+from rewards.scorer import OracleScorer
+
+class FailTraining(OracleScorer):
+    """The oracle for calibration and held-out clips; a lost device (RuntimeError) for every training group."""
+    version = "fail-training"
+
+    def score(self, batch):
+        if batch["ids"][0].startswith("g"):
+            raise RuntimeError("device lost")
+        return super().score(batch)
+'''
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("plugin-cache")  # one base model for every run here
@@ -87,8 +110,14 @@ def test_a_python_scorer_from_outside_the_package_reaches_metrics_summary_and_re
 
 
 def test_a_reward_service_killed_and_restarted_mid_run_loses_nothing(tmp_path, cache, ray_cluster):
+    """... and each step's metrics row names the model version that scored its latest reward batch: the service comes
+    back with another model (version oracle-v2)."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "oracle_v2.py").write_text(textwrap.dedent(ORACLE_V2))
     port = free_port()
     serve = ("--model", "oracle", "rewards.models={oracle: {kind: oracle}}")
+    serve_v2 = ("--model", "v2", f"rewards.models={{v2: {{kind: python, callable: 'oracle_v2:OracleV2', "
+                                 f"pythonpath: [{tmp_path / 'plugins'}]}}}}")
     server = start_server(port, *serve)
     url = f"http://127.0.0.1:{port}"
     models = f"{{remote: {{kind: http, url: '{url}', retries: 3}}}}"
@@ -103,7 +132,7 @@ def test_a_reward_service_killed_and_restarted_mid_run_loses_nothing(tmp_path, c
         stop_server(server)
         time.sleep(8)  # longer than the client's own retries (1 + 2 + 4 s): the pool must retry batches
         assert run.is_alive()
-        server = start_server(port, *serve)
+        server = start_server(port, *serve_v2)
         run.join(timeout=600)
     finally:
         stop_server(server)
@@ -112,6 +141,12 @@ def test_a_reward_service_killed_and_restarted_mid_run_loses_nothing(tmp_path, c
     assert ledger["retried"] >= 1  # reward batches re-run after the server died
     assert ledger["lost"] == 0 and ledger["counted_twice"] == 0 and ledger["balanced"]
     assert ledger.get("dropped_infra_error", 0) == 0 and ledger["skipped_samples"] == 0  # none given up
+    versions = list(read_metrics(tmp_path / "run")["reward_version/remote"])
+    seen = out["summary"]["reward_versions"]["remote"]
+    assert len(versions) == 8 and set(versions) <= {"oracle", "oracle-v2"} and versions[-1] == "oracle-v2"
+    assert seen[-1] == "oracle-v2" and seen[0] == versions[0] and set(seen) == set(versions)
+    first_v2 = versions.index("oracle-v2")  # steps before the kill: the old model, and never again after the new one
+    assert set(versions[:first_v2]) <= {"oracle"} and set(versions[first_v2:]) == {"oracle-v2"}
 
 
 def test_a_sample_the_service_refuses_is_skipped_and_counted(tmp_path, cache, ray_cluster):
@@ -177,3 +212,51 @@ def test_the_audio_sync_profile_is_calibrated_and_its_constraint_reported(tmp_pa
     no_beat = load_config(ROOT / "configs" / "audio_sync.yaml", [*args, "rollout.extras=[]"])
     with pytest.raises(Exception, match="no 'beat' track"):
         score_all(no_beat, scorers(no_beat, {"oracle": None, "sync": None}), res.videos[:2], res.prompts[:2])
+
+
+def test_a_reward_service_gone_for_good_ends_the_run_naming_it(tmp_path, cache, ray_cluster):
+    port = free_port()
+    server = start_server(port, "--model", "oracle", "rewards.models={oracle: {kind: oracle}}")
+    url = f"http://127.0.0.1:{port}"
+    cfg = _config(tmp_path, cache, f"{{remote: {{kind: http, url: '{url}', retries: 0}}}}", "vq", "train.steps=200",
+                  "train.checkpoint_every=1")
+    out = {}
+
+    def train():
+        try:
+            run_training(cfg, tmp_path / "run", progress=False)
+        except Exception as e:  # noqa: BLE001 - what ended the run is the point
+            out["error"] = e
+
+    run = threading.Thread(target=train)
+    run.start()
+    try:
+        while requests.get(f"{url}/info", timeout=5).json()["batches"] < 4:
+            assert run.is_alive(), f"the run ended before the server was killed: {out}"
+            time.sleep(0.2)
+    finally:
+        stop_server(server)  # for good
+    run.join(timeout=600)
+    assert not run.is_alive()
+    error = out["error"]
+    assert isinstance(error, ConnectionError), repr(error)
+    assert str(error).startswith(f"reward model 'remote' ({url}) failed 3 groups in a row after its retries")
+    assert "\n" not in str(error)  # one line for the CLI
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and ckpt.skipped == [] and 0 < ckpt.state["step"] < 200  # the last one, whole
+    assert len(read_metrics(tmp_path / "run")["step"]) == ckpt.state["step"]  # metrics up to it, nothing after
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_max_consecutive_failures_is_how_many_dropped_groups_end_the_run(tmp_path, cache, ray_cluster, capfd, limit):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "fail_training.py").write_text(textwrap.dedent(FAIL_TRAINING))
+    models = (f"{{bad: {{kind: python, callable: 'fail_training:FailTraining', pythonpath: [{tmp_path / 'plugins'}], "
+              f"max_consecutive_failures: {limit}}}}}")
+    cfg = _config(tmp_path, cache, models, "vq", "train.steps=50")
+    with pytest.raises(ConnectionError, match=rf"reward model 'bad' failed {limit} groups in a row after its retries "
+                                              r"\(batch g\d+ failed 6 times on bad"):
+        run_training(cfg, tmp_path / "run", progress=False)
+    dropped = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("dropping group")]
+    assert len(dropped) == limit  # each after its pool's 5 retries; the limit-th ends the run
