@@ -505,7 +505,11 @@ def _load_lora(cls, base, wdir: Path, tokenizer, sampling, norm, merge: bool) ->
     for name in ("adapter_model.safetensors", "adapter_config.json", "non_lora_state_dict.pth"):
         if not (wdir / name).is_file():
             raise FileNotFoundError(f"{wdir}: LoRA checkpoint lacks {name}")
-    vlm, info = cls.from_pretrained(base, output_loading_info=True, dtype=torch.float32)
+    try:
+        vlm, info = cls.from_pretrained(base, output_loading_info=True, dtype=torch.float32)
+    except OSError as e:  # transformers' "not a local folder and not a model id": one line naming the key, no traceback
+        raise FileNotFoundError(f"{wdir}: the LoRA checkpoint's base weights {str(base)!r} cannot be loaded "
+                                f"({type(e).__name__}); set `base:` to the base model's directory") from None
     _check_keys(Path(str(base)), set(info["missing_keys"]) - _allowed_missing(vlm), info["unexpected_keys"])
     non_lora = {old_to_new_key(_strip_peft(k)): v for k, v in _torch_load(wdir / "non_lora_state_dict.pth").items()}
     if "rm_head.weight" not in non_lora:

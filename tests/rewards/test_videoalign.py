@@ -165,6 +165,13 @@ def test_lora_checkpoint_scores_equal_direct_forward(tmp_path):
     assert np.abs(direct_forward(base_only, videos[0], PROMPTS[0]) - want[0]).max() > 1e-3  # the adapter matters
 
 
+
+def test_lora_checkpoint_with_missing_base_names_it(tmp_path):
+    save_videoalign_checkpoint(apply_lora(build_tiny_videoalign(seed=1), rank=4, random_b=True), tmp_path / "ckpt")
+    missing = tmp_path / "no-such-base"
+    with pytest.raises(FileNotFoundError, match="no-such-base.*set `base:`"):
+        load_videoalign(tmp_path / "ckpt", base=missing, device="cpu")
+
 def _rewrite(ckpt, tmp_path, edit):
     out = tmp_path / "edited"
     out.mkdir()
