@@ -73,7 +73,8 @@ def test_bad_scores_name_the_culprit():
 
 
 def test_shipped_profiles_mirror_scrl():
-    assert available_profiles() == ["instruction", "retrieval", "video_generation"]
+    assert available_profiles() == ["audio_sync", "instruction", "retrieval", "video_generation"]
+    assert load_profile("audio_sync") == Profile(name="audio_sync", primary="ta", constraints={"sync": 1.0, "vq": 0.5})
     assert load_profile("video_generation") == Profile(
         name="video_generation", primary="feedback", constraints={"vq": 1.1, "mq": 1.1, "ta": 1.1})
     assert load_profile("instruction") == Profile(name="instruction", primary="feedback", constraints={"ta": 0.8})
@@ -86,7 +87,7 @@ def test_profile_by_path_and_validation(tmp_path):
     assert load_profile(f) == Profile(name="strict_motion", primary="feedback", constraints={"mq": 2.0})
     assert load_profile(str(f)).name == "strict_motion"  # a string path works too
 
-    with pytest.raises(ValueError, match=r"unknown profile 'vga'; available: \['instruction', 'retrieval', "
+    with pytest.raises(ValueError, match=r"unknown profile 'vga'; available: \['audio_sync', 'instruction', 'retrieval', "
                                          r"'video_generation'\]"):
         load_profile("vga")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
@@ -111,7 +112,7 @@ def test_profile_by_path_and_validation(tmp_path):
 
 
 def test_write_read_roundtrip_and_taus(tmp_path):
-    result = {"seed": 3, "profiles": {p: calibrate(SCORES, load_profile(p)) for p in available_profiles()}}
+    result = {"seed": 3, "profiles": {p: calibrate(SCORES, load_profile(p)) for p in available_profiles() if p != "audio_sync"}}
     path = write_calibration(tmp_path / "sub" / "calibration.json", result)
     assert read_calibration(path) == result
     assert os.listdir(path.parent) == ["calibration.json"], "no temp file left behind"
