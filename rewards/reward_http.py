@@ -5,11 +5,15 @@ POST <url>/score, body = one msgpack map (the header) followed by the raw frame 
   C-order; an extra field that is a numeric array travels as {"__array__": dtype, "shape": [...], "data": bytes},
   anything else as plain msgpack (lists, strings, numbers).
 Replies (JSON): 200 {"scores": {dim: [N] float}, "version": str}; 400 {"error": str, "sample_id": str} for a bad
-sample (a `DataError` on the server); 500 for anything else. GET <url>/info -> {"model", "dims", "version", "batches"}.
+sample (a `DataError` on the server); 500 for anything else. A 4xx that names no sample of the batch (a wrong token,
+a wrong route) and a reply with other dims than /info gave are infrastructure: the run's failure budget
+(`max_consecutive_failures`) ends a run whose service stays that way, instead of dropping every group as bad data.
+GET <url>/info -> {"model", "dims", "version", "batches"}.
 
 The client sorts failures as the pools do: 5xx, timeouts and connection errors are infrastructure, retried here
 `retries` times with back-off (1 s, 2 s, 4 s, ...), then raised as `RewardServiceError` for the pool to retry the
-batch elsewhere; a 4xx or a malformed reply is a `DataError` naming the sample (the server's, else the first).
+batch elsewhere; a 4xx naming a sample of the batch is a `DataError` naming it, a malformed reply one naming the
+first sample.
 """
 
 from __future__ import annotations
@@ -154,8 +158,13 @@ class HttpScorer:
         if 400 <= r.status_code < 500:
             sid = reply.get("sample_id") if isinstance(reply, dict) else None
             why = reply.get("error") if isinstance(reply, dict) else r.text[:200]
-            raise DataError(sid if sid in ids else ids[0], f"{self.url} answered {r.status_code}: {why}")
+            if sid not in ids:  # a refused token, a wrong route, a full server: no sample is at fault
+                raise RewardServiceError(f"{self.url} answered {r.status_code} naming no sample of the batch: {why}")
+            raise DataError(sid, f"{self.url} answered {r.status_code}: {why}")
         if r.status_code != 200 or not isinstance(reply, dict) or not isinstance(reply.get("scores"), dict):
             raise DataError(ids[0], f"{self.url} sent a malformed reply (HTTP {r.status_code}): {r.text[:200]!r}")
+        if set(reply["scores"]) != set(self.dims):  # the service now runs another model: not this batch's fault
+            raise RewardServiceError(f"{self.url} now scores {sorted(reply['scores'])}, this run expects "
+                                     f"{list(self.dims)} (restarted with another model?)")
         self.version = str(reply.get("version", self.version))
         return reply["scores"]  # RewardScorer checks dims, shapes and finiteness

@@ -141,6 +141,9 @@ def test_5xx_is_retried_then_an_infrastructure_error_and_tokens_are_checked(flak
         remote.score(videos, prompts, ["flaky-0", "s1"])  # retries=2: three tries, then the pool's to retry
     after = requests.get(f"{flaky_server}/info", headers={"Authorization": "Bearer s3cret"}, timeout=5).json()["batches"]
     assert after == before  # nothing was scored by the failed tries
+    remote.plugin.session.headers["Authorization"] = "Bearer rotated"  # a token that stops working mid-run
+    with pytest.raises(RewardServiceError, match=r"answered 401 naming no sample of the batch"):
+        remote.score(videos, prompts, ids)
     monkeypatch.delenv("MY_TOKEN")
     with pytest.raises(ValueError, match="environment variable 'MY_TOKEN' is not set"):
         RewardScorer("http", url=flaky_server, token_env="MY_TOKEN")
