@@ -12,7 +12,7 @@ import numpy as np
 from orchestrator.calibrate import calibrate_base_model
 from orchestrator.config import Config, cache_dir
 from orchestrator.evaluation import evaluate
-from orchestrator.hashing import SAMPLING_CODE, code_version, fingerprint
+from orchestrator.hashing import SAMPLING_CODE, code_version, file_sha256, fingerprint
 from orchestrator.pretraining import Base, base_policy
 from orchestrator.prompts import load_prompt_file
 from policy.backend import Policy, video_shape
@@ -127,7 +127,8 @@ def calibration_path(cfg: Config, base: Base, checkpoints: dict[str, str | None]
     if Path(cfg.rewards.profile).is_file():
         profiles.append(Path(cfg.rewards.profile).read_text())
     code = code_version("orchestrator.calibrate", "orchestrator.evaluation", "orchestrator.inputs", "rewards.calibration",
-                        "rewards.scorer", "rewards.oracle", *SAMPLING_CODE)
+                        "rewards.scorer", "rewards.oracle", "rewards.audio_sync", *SAMPLING_CODE,
+                        *(["rewards.videoalign"] if any(s.kind == "videoalign" for s in cfg.rewards.models.values()) else []))
     # only what the measurement depends on: a new training-only key (curriculum, replicas, ...) keeps the cached τ
     r = cfg.rollout
     scoring = {name: (spec.kind, spec.prefix, *([o] if (o := {k: v for k, v in spec.scorer_options().items()
@@ -135,8 +136,19 @@ def calibration_path(cfg: Config, base: Base, checkpoints: dict[str, str | None]
                for name, spec in cfg.rewards.models.items()}
     key = fingerprint(scoring, cfg.rewards.calibration, cfg.rewards.profile,
                       (r.sampler, r.eta, r.steps, r.shift, r.mode, *([r.extras] if r.extras else [])),
-                      base.key, json.dumps(checkpoints, sort_keys=True), *profiles, code)
+                      base.key, json.dumps(checkpoints, sort_keys=True), *profiles, code, *_plugin_sources(cfg))
     return cache_dir(cfg) / f"calibration-{key}.json"
+
+
+def _plugin_sources(cfg: Config) -> list[str]:
+    """Content hashes of the python plug-ins' source files: an edited scorer is recalibrated, though its callable and
+    kwargs are the same."""
+    import inspect
+
+    from rewards.scorer import load_callable
+
+    return [file_sha256(inspect.getsourcefile(load_callable(s.callable, s.pythonpath)))
+            for s in cfg.rewards.models.values() if s.kind == "python"]
 
 
 def ensure_calibration(cfg: Config, base: Base, checkpoints: dict[str, str | None], force: bool = False,

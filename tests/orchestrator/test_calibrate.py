@@ -143,3 +143,13 @@ def test_calibration_cache_key_follows_only_what_the_measurement_uses(tmp_path):
                 "rewards.curriculum={kind: self_paced, thresholds: [0.1, 0.2, 0.3]}") == plain
     assert path("rollout.eta=0.5") != plain
     assert path("rewards.calibration.samples_per_prompt=10") != plain
+    # a python plug-in: editing its source recalibrates, though its callable and kwargs stay the same
+    plugin = tmp_path / "plugins" / "sharp_scorer.py"
+    plugin.parent.mkdir()
+    plugin.write_text("class Sharp:\n    dims = ('sharp',)\n    def score(self, batch):\n        return {}\n")
+    spec = f"rewards.models.sharp={{kind: python, callable: 'sharp_scorer:Sharp', pythonpath: [{plugin.parent}]}}"
+    ckpts["sharp"] = None
+    first = path(spec)
+    assert first != plain and path(spec) == first
+    plugin.write_text(plugin.read_text() + "# scores differently now\n")
+    assert path(spec) != first
