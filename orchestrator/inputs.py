@@ -152,14 +152,16 @@ def _plugin_sources(cfg: Config) -> list[str]:
 
 
 def ensure_calibration(cfg: Config, base: Base, checkpoints: dict[str, str | None], force: bool = False,
-                       seed: int | None = None, out: Path | None = None) -> Path:
-    """τ for every shipped profile (and the configured one), measured on the base model's rollouts."""
+                       seed: int | None = None, out: Path | None = None,
+                       models: dict[str, RewardScorer] | None = None) -> Path:
+    """τ for every shipped profile (and the configured one), measured on the base model's rollouts. models: the
+    run's scorers when the caller has built them already (a large reward model loads once)."""
     path = out or calibration_path(cfg, base, checkpoints)
     if path.is_file() and not force:
         return path
     from rewards.calibration import available_profiles
 
-    models = scorers(cfg, checkpoints)
+    models = models or scorers(cfg, checkpoints)
     rewards = {cfg.rewards.models[n].prefix + d for n, m in models.items() for d in m.dims}
     profiles = [load_profile(cfg.rewards.profile)]
     profiles += [p for p in map(load_profile, available_profiles())  # every shipped profile these rewards can serve
@@ -176,8 +178,9 @@ def prepare(cfg: Config, progress: bool = True) -> Inputs:
     prompts = training_prompts(cfg)  # a bad prompt file fails here, before any training
     base = base_policy(cfg, prompts, progress=progress)
     checkpoints = reward_checkpoints(cfg, base, progress)
-    dims = {name: s.dims for name, s in scorers(cfg, checkpoints).items()}
+    models = scorers(cfg, checkpoints)
+    dims = {name: s.dims for name, s in models.items()}
     profile = load_profile(cfg.rewards.profile)
-    cal = ensure_calibration(cfg, base, checkpoints)
+    cal = ensure_calibration(cfg, base, checkpoints, models=models)
     taus = profile_taus(read_calibration(cal), profile.name)
     return Inputs(base, checkpoints, dims, profile.primary, taus, prompts, cal)
