@@ -185,7 +185,7 @@ def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Pat
 def videoalign_model_dir(train_cfg: VideoAlignTrainConfig, data_dir: Path, cache: Path, loss: str | None = None) -> Path:
     """Where `ensure_videoalign_model` keeps the model for (data content, train config, loss)."""
     cfg = train_cfg.model_copy(update={"loss": loss or train_cfg.loss})
-    code = code_version("rewards.videoalign", "rewards.losses")
+    code = code_version("rewards.videoalign", "rewards.losses", "rewards.reward_model")  # its warm-up schedule, pair batches
     return Path(cache) / f"videoalign-{cfg.loss}-{fingerprint(_data_key(Path(data_dir)), cfg, code)}"
 
 
