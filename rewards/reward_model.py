@@ -384,12 +384,18 @@ def preference_loss(model: VideoReward, pairs: PreferencePairs,
     regression: MSE of both videos' predicted scores against score_a / score_b.
     """
     r_a, r_b = _pair_deltas(model, pairs)
+    return pair_loss(r_a, r_b, pairs, loss, k)
+
+
+def pair_loss(r_a: torch.Tensor, r_b: torch.Tensor, pairs, loss: Literal["regression", "bt", "btt"],
+              k: float = 5.0) -> torch.Tensor:
+    """The mean preference loss given both clips' rewards r_a, r_b [N, D] of `pairs` (any reward model's)."""
     if loss == "regression":
         if pairs.score_a is None or pairs.score_b is None:
             raise ValueError("regression loss needs score_a and score_b in the pairs")
         target = torch.from_numpy(np.concatenate([pairs.score_a, pairs.score_b])).to(r_a.device)
         return losses.regression_loss(torch.cat([r_a, r_b]), target).mean()
-    labels = torch.from_numpy(pairs.labels.astype(np.float32)).to(r_a.device)
+    labels = torch.from_numpy(np.asarray(pairs.labels, np.float32)).to(r_a.device)
     # orient every entry so that Δ = r_preferred - r_other (a tie keeps r_a - r_b)
     delta = torch.where(labels < 0, r_b - r_a, r_a - r_b).reshape(-1)
     tie = (labels == 0).reshape(-1)

@@ -809,24 +809,11 @@ def preference_loss(model: VideoAlignRewardModel, pairs, loss: Literal["regressi
     """Mean loss over a batch of `rewards.reward_model.PreferencePairs` (MATH.md §6, as for VideoReward):
     bt: non-tie entries, -log σ(r_pref - r_other); btt: every entry, Rao–Kupper ties (k);
     regression: MSE of both clips' rewards against the oracle scores score_a / score_b."""
-    from rewards import losses
+    from rewards.reward_model import pair_loss
 
     n = len(pairs)
     r = model.score(list(pairs.video_a) + list(pairs.video_b), pairs.prompts + pairs.prompts)
-    r_a, r_b = r[:n], r[n:]
-    if loss == "regression":
-        if pairs.score_a is None or pairs.score_b is None:
-            raise ValueError("regression loss needs score_a and score_b in the pairs")
-        target = torch.from_numpy(np.concatenate([pairs.score_a, pairs.score_b])).to(r.device, r.dtype)
-        return losses.regression_loss(r, target).mean()
-    labels = torch.from_numpy(np.asarray(pairs.labels, np.float32)).to(r.device)
-    delta = torch.where(labels < 0, r_b - r_a, r_a - r_b).reshape(-1)  # r_preferred - r_other; ties keep a - b
-    tie = (labels == 0).reshape(-1)
-    if loss == "bt":
-        return losses.bt_loss(delta[~tie]).mean() if (~tie).any() else delta.sum() * 0.0
-    if loss == "btt":
-        return losses.btt_loss(delta, tie, k).mean()
-    raise ValueError(f"loss must be 'regression', 'bt' or 'btt', got {loss!r}")
+    return pair_loss(r[:n], r[n:], pairs, loss, k)
 
 
 def train_videoalign(model: VideoAlignRewardModel, pairs, loss: Literal["regression", "bt", "btt"] = "btt", *,
