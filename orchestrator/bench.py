@@ -279,7 +279,7 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
 
 def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
     """Rollout actors + an oracle reward pool + a learner actor (as in orchestrator/cluster.py), driven like train_loop."""
-    from actors.learner import learner_actor
+    from actors.learner import learner_group
     from actors.reward import reward_actor
     from actors.rollout import rollout_actor
     from orchestrator.config import RewardModelSpec
@@ -290,14 +290,16 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
                           shared_prefix=r.shared_prefix, dtype=r.dtype)
     pool = RewardPool("oracle", lambda name: reward_actor(name, "oracle", None, num_cpus=spec.num_cpus,
                                                           num_gpus=spec.num_gpus), spec.replicas)
-    learner, rollouts = None, []
+    learners, rollouts = None, []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             base = _untrained_base(cfg, tmp)  # every actor loads the same starting weights
             rollouts = [rollout_actor(i, cfg.model, base, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
                                       num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
-            learner = learner_actor(cfg.model, base, cfg.learner.model_dump(), steps, cfg.train.seed,
-                                    num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, threads=cfg.threads)
+            learners = learner_group(cfg.model, base, cfg.learner.model_dump(), steps, cfg.train.seed,
+                                     workers=cfg.ray.learner_workers, placement=cfg.ray.placement,
+                                     num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, threads=cfg.threads)
+            learner = learners.head
             ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values()]] + [learner.version.remote()])
         ledger = Ledger()
         pipe = Pipeline(rollouts, {"oracle": pool}, {"oracle": ["vq", "mq", "ta"]}, PromptCursor(prompts, cfg.train.seed),
@@ -307,8 +309,10 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
         pipe.close()
     finally:
         pool.shutdown()
-        for handle in [*rollouts, *([learner] if learner is not None else [])]:
+        for handle in rollouts:
             ray.kill(handle, no_restart=True)
+        if learners is not None:
+            learners.shutdown()
     window = marks[steps]["t"] - marks[warmup_steps]["t"]
     balance = ledger.balance(set())
     return {"clips_per_s": (steps - warmup_steps) * gps * r.group_size / window, "seconds": window,

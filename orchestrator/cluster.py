@@ -12,7 +12,7 @@ import ray
 
 from actors.control import NAMESPACE, control_actor
 from actors.controller import controller_actor
-from actors.learner import learner_actor
+from actors.learner import LearnerGroup, learner_group
 from actors.reward import reward_actor
 from actors.rollout import rollout_actor
 from orchestrator.config import Config, guidance_source
@@ -38,15 +38,17 @@ class RunActors:
     rollouts: list
     pools: dict[str, RewardPool]
     reward_names: dict[str, list[str]]  # pool -> reward names, in score-column order
-    learner: object
+    learner: object  # the learner group's rank 0: the one actor the loop calls
     controller: object
     control: object  # the named control actor `videorl scale` talks to
+    learners: LearnerGroup
     prompt_table: list | None = None  # [ObjectRef] held for the run: restarted rollout actors read it again
 
     def shutdown(self) -> None:
         for pool in self.pools.values():
             pool.shutdown()
-        for handle in [*self.rollouts, self.learner, self.controller, self.control]:
+        self.learners.shutdown()
+        for handle in [*self.rollouts, self.controller, self.control]:
             ray.kill(handle, no_restart=True)
 
 
@@ -55,15 +57,17 @@ CONTROLLER_CPUS = 0.05 + 0.01  # constraint-controller + videorl-control
 
 def check_fits(cfg: Config) -> None:
     """Every actor must be placeable at once, or the run would wait forever for the last one."""
-    need_cpu = (cfg.ray.rollout_workers * cfg.ray.rollout_cpus + cfg.ray.learner_cpus + CONTROLLER_CPUS
+    need_cpu = (cfg.ray.rollout_workers * cfg.ray.rollout_cpus + cfg.ray.learner_workers * cfg.ray.learner_cpus
+                + CONTROLLER_CPUS
                 + sum(s.replicas * s.num_cpus for s in cfg.rewards.models.values()))
-    need_gpu = (cfg.ray.rollout_workers * cfg.ray.rollout_gpus + cfg.ray.learner_gpus
+    need_gpu = (cfg.ray.rollout_workers * cfg.ray.rollout_gpus + cfg.ray.learner_workers * cfg.ray.learner_gpus
                 + sum(s.replicas * s.num_gpus for s in cfg.rewards.models.values()))
     have = ray.cluster_resources()
     for what, need in (("CPU", need_cpu), ("GPU", need_gpu)):
         if need > have.get(what, 0.0) + 1e-9:
             raise ValueError(f"the run's actors need {need:g} {what}s but the cluster has {have.get(what, 0.0):g}: "
-                             f"lower ray.rollout_workers / ray.*_{what.lower()}s / rewards.models.*.num_{what.lower()}s")
+                             f"lower ray.rollout_workers / ray.learner_workers / ray.*_{what.lower()}s / "
+                             f"rewards.models.*.num_{what.lower()}s")
 
 
 def guidance_kwargs(cfg: Config, reward_checkpoints: dict[str, str | None]) -> dict | None:
@@ -98,8 +102,9 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
                                 delay_s=spec.delay_s, frame_shape=shape, options=spec.scorer_options())
         pools[name] = RewardPool(name, spawn, spec.replicas)
         names[name] = [spec.prefix + d for d in reward_dims[name]]
-    learner = learner_actor(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
-                            num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, base_key=base.key,
-                            sum_norm=cfg.constraints.sum_norm)
+    learners = learner_group(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
+                             workers=cfg.ray.learner_workers, placement=cfg.ray.placement,
+                             num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, base_key=base.key,
+                             sum_norm=cfg.constraints.sum_norm)
     controller = controller_actor(cfg.constraints.model_dump(), taus)
-    return RunActors(rollouts, pools, names, learner, controller, control_actor(list(pools)), table)
+    return RunActors(rollouts, pools, names, learners.head, controller, control_actor(list(pools)), learners, table)

@@ -101,6 +101,10 @@ class Policy(Protocol):
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write what `load_policy(cfg, out_dir)` reads back; returns the directory."""
 
+    def fsdp_units(self) -> tuple[torch.nn.Module, list[torch.nn.Module], tuple[str, ...]]:
+        """What FSDP2 shards (`policy.parallel.shard`): the root module, its transformer blocks (one unit each), and
+        the root's methods other than forward() that run the model (they gather the root's own weights)."""
+
     def train(self, mode: bool = True): ...
 
     def eval(self): ...

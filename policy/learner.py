@@ -23,7 +23,7 @@ so every window position of the clip is trained over a run, the first chunk incl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from policy.backend import Policy, trainable_bytes
 from policy.losses import (ema_update, flow_dpo_loss, flow_rwr_loss, gaussian_kl, kl_schedule, nft_loss,
                            ppo_clip_loss, stepwise_kl)
+from policy.parallel import (Ranks, all_reduce_gradients, full_state, gather_stats, group_generator, local_like,
+                             reshard, scalar, shard)
 from policy.sampling import Trajectory, recompute_log_probs
 from policy.sde import equalizer_scales
 from rewards.advantages import (constrained_channels, constrained_weights, gdpo_advantages, grpo_advantages,
@@ -54,6 +56,9 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     loss: Literal["ppo", "nft", "flow_dpo", "flow_rwr", "sft"] = "nft"
+    # how a learner group of ray.learner_workers > 1 ranks splits the work (policy.parallel): full replicas with
+    # summed gradients, or FSDP2-sharded weights, gradients and optimiser state
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
     advantage: Literal["grpo", "gdpo"] = "gdpo"
     lr: float = Field(3e-4, gt=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -175,17 +180,24 @@ class Learner:
     `policy.trainable_parameters()`. sum_norm: `constraints.sum_norm` (see `advantages`).
     """
 
-    def __init__(self, model: Policy, cfg: LearnerConfig, total_steps: int, seed: int = 0, sum_norm: bool = False):
+    def __init__(self, model: Policy, cfg: LearnerConfig, total_steps: int, seed: int = 0, sum_norm: bool = False,
+                 ranks: Ranks = Ranks(), mixed_bf16: bool = False):
+        """ranks: this process's rank in a learner group (`policy.parallel`; the default trains alone).
+        mixed_bf16: FSDP2 computes in bf16 and reduces in fp32 (GPU)."""
         self.model, self.cfg, self.total_steps, self.sum_norm = model.train(), cfg, total_steps, sum_norm
+        self.seed, self.ranks = seed, ranks
         # the initial (base) model; a moving one is loaded with the current weights on reset, so needs its own adapter
         self.reference = model.frozen_copy("reference" if cfg.reference == "frozen" else "moving_reference")
         self.anchor = model.frozen_copy("anchor")  # moving anchor, refreshed every update_ref_every
         self.old = model.frozen_copy("old")  # NFT old policy (EMA)
+        self.sharded = []  # FSDP2 roots: the policy's and its copies' (the same one with LoRA)
+        if ranks.sharded:  # before the optimiser: fully_shard swaps the parameters for sharded ones
+            self.sharded = shard([model, self.reference, self.anchor, self.old], mixed_bf16)
         self.opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator()  # the current group's stream (`policy.parallel.group_generator`)
         self.version = 0
         self.reference_resets = 0
-        self.publish_bytes = trainable_bytes(model.trainable_state())
+        self.publish_bytes = trainable_bytes(self.weights())
 
     def step(self, groups: list[ScoredGroup], primary: str, taus: dict[str, float], lambdas: dict[str, float],
              channel_weights: dict[str, float] | None = None) -> dict[str, float]:
@@ -193,7 +205,7 @@ class Learner:
 
         channel_weights: extra advantage channels, reward name -> weight, beside the SCRL ones (`advantages`);
         None: R_f and the constraints only."""
-        cfg = self.cfg
+        cfg, ranks = self.cfg, self.ranks
         check_rewards(cfg, groups[0].rewards)
         adv = advantages(groups, primary, taus, lambdas, cfg.advantage, self.sum_norm,
                          channel_weights).to(self.model.device)
@@ -201,16 +213,20 @@ class Learner:
         loss_fn = {"ppo": self._ppo, "nft": self._nft, "flow_dpo": self._flow_dpo, "flow_rwr": self._flow_rwr,
                    "sft": self._sft}[cfg.loss]
         self.opt.zero_grad(set_to_none=True)
-        stats: dict[str, list[float]] = {}
-        start = 0
-        n_samples = sum(len(g.traj.videos) for g in groups)
-        for g in groups:
-            rows = slice(start, start + len(g.traj.videos))
-            start += len(g.traj.videos)
+        sizes = [len(g.rewards[primary]) for g in groups]
+        starts, n_samples = np.cumsum([0, *sizes]), sum(sizes)
+        per_group: dict[int, dict[str, float]] = {}
+        for i, counted in ranks.passes(len(groups)):  # this rank's groups (the others train theirs)
+            g, rows = groups[i], slice(starts[i], starts[i + 1])
+            self.generator = group_generator(self.seed, self.version, i)
             loss, parts = loss_fn(g, adv[rows], None if kl_mask is None else kl_mask[rows])
-            (loss * len(g.traj.videos) / n_samples).backward()
-            for k, v in parts.items():
-                stats.setdefault(k, []).append(v)
+            (loss * (ranks.loss_scale * sizes[i] / n_samples if counted else 0.0)).backward()
+            if counted:
+                per_group[i] = parts
+        per_group = gather_stats(per_group)
+        reshard(self.sharded)
+        if ranks.world > 1 and not ranks.sharded:
+            all_reduce_gradients(self.model.trainable_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.grad_clip)
         self.opt.step()
         self.version += 1
@@ -218,13 +234,13 @@ class Learner:
             ema_update(self.old.trainable_parameters(), self.model.trainable_parameters(), cfg.nft_old_ema)
         if self.version % cfg.update_ref_every == 0:
             self.anchor.load_trainable_state(self.model.trainable_state())
-        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out = {k: float(np.mean([per_group[i][k] for i in sorted(per_group)])) for k in per_group[0]}
         if self._reference_due(out.get("kl/reference", 0.0)):
             self.reference.load_trainable_state(self.model.trainable_state())
             self.reference_resets += 1
         if kl_mask is not None:
             out["kl/selected_fraction"] = float(kl_mask.float().mean())
-        out.update(grad_norm=float(grad_norm), adv_abs=float(adv.abs().mean()), version=self.version,
+        out.update(grad_norm=scalar(grad_norm), adv_abs=float(adv.abs().mean()), version=self.version,
                    **{"weights/bytes_per_version": self.publish_bytes, "reference/resets": self.reference_resets})
         return out
 
@@ -356,5 +372,31 @@ class Learner:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """What rollout workers load per version (`policy.trainable_state()`: an adapter with LoRA, else all
-        weights), as CPU tensors for the object store."""
-        return self.model.trainable_state()
+        weights), as whole CPU tensors for the object store. Sharded: a collective every rank calls."""
+        return full_state(self.model.trainable_state())
+
+    def copy_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Whole trainable state of the policy and its copies, for a checkpoint (sharded: every rank calls)."""
+        return {name: full_state(getattr(self, attr).trainable_state()) for name, attr in COPIES}
+
+    def load_copy_states(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Inverse of `copy_states`, on any number of ranks: each keeps its shard of the whole tensors."""
+        for name, attr in COPIES:
+            policy = getattr(self, attr)
+            own = policy.trainable_state()
+            policy.load_trainable_state({k: local_like(torch.as_tensor(v), own[k]) if k in own else v
+                                         for k, v in states[name].items()})
+
+    def optimizer_state(self) -> dict:
+        """`opt.state_dict()` with whole tensors (sharded: every rank calls)."""
+        state = self.opt.state_dict()
+        return {**state, "state": {pid: full_state(entries) for pid, entries in state["state"].items()}}
+
+    def load_optimizer_state(self, state: Mapping) -> None:
+        params = self.model.trainable_parameters()
+        local = {pid: {k: local_like(v, params[pid]) if torch.is_tensor(v) and v.dim() else v
+                       for k, v in entries.items()} for pid, entries in state["state"].items()}
+        self.opt.load_state_dict({**state, "state": local})
+
+
+COPIES = (("policy", "model"), ("reference", "reference"), ("anchor", "anchor"), ("old", "old"))

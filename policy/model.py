@@ -478,6 +478,9 @@ class VideoDiT(nn.Module):
         """A no-grad copy of the current weights (reference, moving anchor or NFT old policy)."""
         return copy.deepcopy(self).requires_grad_(False).eval()
 
+    def fsdp_units(self) -> tuple[nn.Module, list[nn.Module], tuple[str, ...]]:
+        return self, list(self.blocks), ("velocity", "velocity_causal", "velocity_chunk", "append_to_cache")
+
     # -- checkpoints --
 
     def save(self, path: str | os.PathLike) -> Path:

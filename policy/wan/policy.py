@@ -427,6 +427,14 @@ class WanPolicy(nn.Module):
                 p.requires_grad_(False)
         return view
 
+    def fsdp_units(self) -> tuple[nn.Module, list[nn.Module], tuple[str, ...]]:
+        """The diffusers transformer and its WanTransformerBlocks (every call goes through its forward)."""
+        blocks = list(getattr(self.transformer, "blocks", []))
+        if not blocks:
+            raise ValueError(f"learner.parallel=fsdp2 shards a model per transformer block, but "
+                             f"{type(self.transformer).__name__} has no `blocks` (WanTransformerBlock) to shard")
+        return self.transformer, blocks, ()
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Full weights: out_dir/transformer (diffusers save_pretrained). LoRA: out_dir/adapter.safetensors and, in
         videorl_policy.json, the LoRA config and a pointer to the base weights (null: model.path / model.checkpoint)."""
@@ -554,8 +562,12 @@ def _read_policy_file(weights) -> dict:
 
 
 def _add_lora(transformer, cfg: WanConfig) -> None:
+    """A fresh adapter (B = 0), its random A drawn from a fixed seed: every process that loads this config (learner
+    ranks, rollout actors, a resumed run) starts from the same one."""
     _check_lora_targets(transformer, cfg)
-    transformer.add_adapter(lora_config(cfg.lora), adapter_name="default")
+    with torch.random.fork_rng():  # CPU and CUDA generators restored after
+        torch.manual_seed(0)
+        transformer.add_adapter(lora_config(cfg.lora), adapter_name="default")
     transformer.set_adapter("default")
 
 

@@ -66,7 +66,7 @@ def ppo_runs(tmp_path_factory, ray_cluster):
             runs[kind] = (cfg, root / kind)
     finally:
         actors.shutdown()
-        for handle in learners.values():
+        for handle in [actors.learner, *learners.values()]:  # the last swapped-in learner is no longer the group's
             ray.kill(handle, no_restart=True)
     return runs
 
