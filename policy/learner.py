@@ -35,7 +35,7 @@ from policy.backend import Policy, trainable_bytes
 from policy.losses import (ema_update, flow_dpo_loss, flow_rwr_loss, gaussian_kl, kl_schedule, nft_loss,
                            ppo_clip_loss, stepwise_kl)
 from policy.parallel import (Ranks, all_reduce_gradients, full_state, gather_stats, group_generator, local_like,
-                             reshard, scalar, shard)
+                             local_numel, reshard, scalar, shard)
 from policy.sampling import Trajectory, recompute_log_probs
 from policy.sde import equalizer_scales
 from rewards.advantages import (constrained_channels, constrained_weights, gdpo_advantages, grpo_advantages,
@@ -241,7 +241,8 @@ class Learner:
         if kl_mask is not None:
             out["kl/selected_fraction"] = float(kl_mask.float().mean())
         out.update(grad_norm=scalar(grad_norm), adv_abs=float(adv.abs().mean()), version=self.version,
-                   **{"weights/bytes_per_version": self.publish_bytes, "reference/resets": self.reference_resets})
+                   **{"weights/bytes_per_version": self.publish_bytes, "reference/resets": self.reference_resets,
+                      "learner/local_params": local_numel(self.model.trainable_parameters())})
         return out
 
     def _reference_due(self, kl: float) -> bool:

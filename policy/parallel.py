@@ -145,6 +145,13 @@ def local_like(full: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)  # every rank has it all
 
 
+def local_numel(params: Sequence[Tensor]) -> int:
+    """Elements of these parameters this rank holds (its shards under FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+
+
 def scalar(t: Tensor | float) -> float:
     """A float from a maybe-sharded scalar (clip_grad_norm_ of DTensor gradients returns a DTensor)."""
     return float(full_tensor(t)) if isinstance(t, Tensor) else float(t)

@@ -38,6 +38,7 @@ def one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
     (["train.max_staleness=-1"], ["train.max_staleness", "greater than or equal to 0"]),
     (["rollout.eta=nan"], ["rollout.eta"]),
     (["ray.rollout_workers=12", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2"]),
+    (["ray.learner_workers=8", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2", "ray.learner_workers"]),
 ])
 def test_contradictory_or_invalid_settings(overrides, fragments, tmp_path):
     one_line_error(videorl("train", *overrides, tmp=tmp_path), *fragments)
