@@ -2,7 +2,8 @@
 
 `videorl scale --reward NAME=N` sets a desired replica count here; the training loop reads the
 requests once per step and applies them (new replicas take work at once, removed ones finish
-what they hold). The actor only stores requests, so it can never block the job.
+what they hold). The actor only stores requests, so it can never block the job. Requests not yet
+applied at a checkpoint are saved with it and sent again to the resumed job's control actor.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class Control:
     def take_requests(self) -> dict[str, int]:
         out, self.requests = self.requests, {}
         return out
+
+    def pending(self) -> dict[str, int]:
+        """The requests not yet taken (a checkpoint saves them; the resumed job's control actor gets them again)."""
+        return dict(self.requests)
 
     def report(self, status: dict) -> None:
         self.status = status

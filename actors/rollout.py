@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from orchestrator.checkpoint import seed_global_rngs
 from policy.rollout import RolloutWorker
 
 
@@ -15,6 +16,13 @@ class RolloutActor(RolloutWorker):
         torch.set_num_threads(1)  # several actors share the node's cores
         table = ray.get(prompt_table[0]) if prompt_table else None
         super().__init__(*args, prompt_table=table, **kwargs)
+
+    def generate(self, group_id: str, prompt: str, seed: int) -> tuple[dict, dict, dict]:
+        """`RolloutWorker.generate`, with this process's global RNGs seeded from the group seed first: a group is a pure
+        function of (weights version, prompt, seed) even where some library draws from them, so a group re-run after a
+        restart or a resume comes out the same."""
+        seed_global_rngs(seed)
+        return super().generate(group_id, prompt, seed)
 
     def ping(self) -> int:
         return self.version

@@ -4,6 +4,8 @@ Rule: backlog = batches in flight per replica. After `upscale_patience` consecut
 `target_backlog` the pool grows by one replica (up to `max`); after `patience` consecutive steps
 below a quarter of the target it shrinks by one (down to `min`). One replica at a time, and the
 delays (Ray Serve's upscale/downscale delays, counted in steps), keep the pool from flapping.
+A checkpoint keeps the replica counts, the streaks and the `videorl scale` requests not yet applied
+(`scaling_state`), and a resumed run starts from them (`restore_scaling`).
 """
 
 from __future__ import annotations
@@ -67,3 +69,20 @@ def scale_step(control, pools: dict, rules: dict[str, AutoscaleConfig | None], s
     sizes = apply_scaling(pools, ray.get(control.take_requests.remote()), rules, streaks)
     control.report.remote({"steps_done": steps_done, "reward_replicas": sizes})
     return sizes
+
+
+def scaling_state(control, pools: dict, streaks: dict[str, int]) -> dict:
+    """What a checkpoint keeps of reward scaling (plain python): {"replicas": {name: n}, "streaks": {name: streak},
+    "requests": the `videorl scale` requests waiting at the control actor, not taken from it}."""
+    return {"replicas": {name: pool.size for name, pool in pools.items()}, "streaks": dict(streaks),
+            "requests": ray.get(control.pending.remote())}
+
+
+def restore_scaling(state: dict, control, pools: dict, streaks: dict[str, int]) -> None:
+    """Resume: the pools at their saved sizes, the streaks (in place), the unapplied requests sent to the (new) control
+    actor, so the next `scale_step` decides as the killed run would have."""
+    for name, n in state["replicas"].items():
+        pools[name].scale_to(n)
+    streaks.update(state["streaks"])
+    for name, n in state["requests"].items():
+        ray.get(control.scale.remote(name, n))

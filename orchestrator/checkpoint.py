@@ -371,6 +371,14 @@ def optimizer_state_from_tensors(tensors: Mapping[str, torch.Tensor], plain: Map
 # ---------------------------------------------------------------- RNG state
 
 
+def seed_global_rngs(seed: int) -> None:
+    """torch's (CPU and CUDA), numpy's and python's global generators from one seed (any int; numpy's takes it
+    modulo 2**32)."""
+    torch.manual_seed(seed % 2**63)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def rng_state(generators: Sequence[torch.Generator | np.random.Generator] = ()) -> tuple[dict[str, torch.Tensor], dict]:
     """Capture torch's CPU (and CUDA, if available) generators, python `random`, numpy's global state
     and the given generator objects, as (tensors, plain). Inverse: `restore_rng`."""

@@ -1,7 +1,9 @@
 """The ledger: where every trajectory group is, so "nothing lost, nothing counted twice" is checkable.
 
 A group moves produced -> scored -> consumed, or leaves as dropped (stale, a data error,
-low_signal: scored but re-sampled by dynamic grouping, or unused at the end of the run). `retried`
+low_signal: scored but re-sampled by dynamic grouping, or unused at the end of the run). A group the
+pipeline held at a checkpoint is re-queued on resume (`requeue`: it was never trained, so it leaves
+produced/scored and is produced again, identically, from its id, prompt, seed and weights version). `retried`
 counts re-executions after an actor failure; a retry never moves a group twice because each
 transition is keyed by the group id. `low_signal_kept` counts low-signal groups trained anyway
 (their prompt was re-sampled as often as allowed).
@@ -44,6 +46,13 @@ class Ledger:
 
     def consume(self, gid: str) -> None:
         self._move(gid, self.consumed, self.scored, "consumed")
+
+    def requeue(self, gid: str) -> None:
+        """A produced group that was neither consumed nor dropped is generated again (resume from a checkpoint)."""
+        if gid not in self.produced or gid in self.consumed or gid in self.dropped:
+            raise ValueError(f"group {gid} re-queued but it was never produced, or was already used or dropped")
+        self.produced.discard(gid)
+        self.scored.discard(gid)
 
     def drop(self, gid: str, reason: str) -> None:
         if gid not in self.produced or gid in self.consumed or gid in self.dropped:
