@@ -236,6 +236,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(10, gt=0)
     seed: int = 0
     run_dir: str = "runs/tiny"
+    # one rollout actor (ray.rollout_workers is ignored), rollouts started only while the learner waits for a batch,
+    # each group's rollout and rewards awaited in order, global RNGs seeded from `seed`: two runs of one config give
+    # the same weights and metrics (timing columns aside), and so does a run killed and resumed
+    deterministic: bool = False
 
 
 class RayConfig(Section):

@@ -10,6 +10,12 @@
         log, checkpoint
 The driver holds only object references and small metadata; rollout and reward actors keep
 working while the learner trains (the driver pumps the pipeline while it waits).
+
+Resume is exact: a checkpoint holds, besides the learner's and controller's state, the groups in flight (re-queued,
+not skipped: same ids, prompts, seeds and weights versions, whose weights it also holds), the prompts awaiting
+re-sampling, the driver's global RNG states, the reward pools' replica counts and autoscaler streaks, and the
+`videorl scale` requests not yet applied. With `train.deterministic` a run killed and resumed ends with the
+uninterrupted run's weights and metrics (tests/orchestrator/test_exact_resume.py).
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import ray
 import yaml
 from tqdm import tqdm
 
+from orchestrator.autoscale import restore_scaling, scale_step, scaling_state
 from orchestrator.chaos import ChaosMonkey
-from orchestrator.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from orchestrator.checkpoint import (Checkpoint, latest_checkpoint, restore_rng, rng_state, save_checkpoint,
+                                     seed_global_rngs)
 from orchestrator.cluster import RunActors, start_actors
 from orchestrator.config import Config
 from orchestrator.ledger import Ledger
@@ -54,17 +62,22 @@ class Run:
         self.curriculum = SelfPacedCurriculum(cfg.rewards.curriculum) if cfg.rewards.curriculum else None
         self.samples = 0
         self.reward_versions: dict[str, list[str]] = {}  # per reward model, the versions that scored its batches
+        self.streaks = {name: 0 for name in actors.pools}  # the autoscaler's (autoscale.decide)
+        self.requeue: tuple[dict, dict[int, ray.ObjectRef]] | None = None  # after restore: for Pipeline.requeue
         self.started = time.perf_counter()
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, held: set[str]) -> None:
-        """held: group ids inside the pipeline now; a resumed run has lost them, so it drops them as interrupted."""
+    def save(self, pipe: Pipeline) -> None:
         tensors, learner_state = ray.get(self.actors.learner.state.remote())
+        for version, weights in pipe.weights_in_flight().items():  # older versions that groups in flight run on
+            tensors[f"{IN_FLIGHT_WEIGHTS}{version}"] = ray.get(weights)
+        tensors["driver_rng"], driver_rng = rng_state()
         state = {
-            "step": self.step, "next_group": self.next_group, "cursor": self.cursor.state_dict(), "held": sorted(held),
-            "ledger": self.ledger.state_dict(), "learner": learner_state, "samples": self.samples,
-            "controller": self.controller_state, "lambdas": self.lambdas,
-            "curriculum": self.curriculum.state_dict() if self.curriculum else None,
+            "step": self.step, "next_group": self.next_group, "cursor": self.cursor.state_dict(),
+            "pipeline": pipe.state_dict(), "ledger": self.ledger.state_dict(), "learner": learner_state,
+            "samples": self.samples, "controller": self.controller_state, "lambdas": self.lambdas,
+            "curriculum": self.curriculum.state_dict() if self.curriculum else None, "driver_rng": driver_rng,
+            "scaling": scaling_state(self.actors.control, pipe.pools, self.streaks),
         }
         save_checkpoint(self.dir, self.step, tensors, state)
         _write_parquet(self.rollout_rows, self.dir / "rollouts.parquet")
@@ -81,12 +94,29 @@ class Run:
         self.ledger = Ledger.from_state_dict(s["ledger"])
         if self.curriculum and s.get("curriculum"):
             self.curriculum.load_state_dict(s["curriculum"])
-        for gid in s["held"]:
-            self.ledger.drop(gid, "interrupted")
+        if "pipeline" in s:
+            self._restore_in_flight(ckpt)
+        else:  # a checkpoint from before exact resume: what the pipeline held is gone
+            for gid in s["held"]:
+                self.ledger.drop(gid, "interrupted")
         rollouts = self.dir / "rollouts.parquet"
         if rollouts.exists():
             self.rollout_rows = [r for r in pq.read_table(rollouts).to_pylist() if r["step"] < self.step]
         print(f"resumed {self.dir} at step {self.step} (checkpoint {ckpt.path.name})")
+
+    def _restore_in_flight(self, ckpt: Checkpoint) -> None:
+        """Everything the driver had on the move: groups in flight (re-queued once the pipeline exists), the global
+        RNGs, reward replica counts and autoscaler streaks, and the unapplied `videorl scale` requests."""
+        s = ckpt.state
+        weights = {int(name.removeprefix(IN_FLIGHT_WEIGHTS)): ray.put(t) for name, t in ckpt.tensors.items()
+                   if name.startswith(IN_FLIGHT_WEIGHTS)}
+        self.requeue = (s["pipeline"], weights)
+        restore_rng(ckpt.tensors["driver_rng"], s["driver_rng"])
+        restore_scaling(s["scaling"], self.actors.control, self.actors.pools, self.streaks)
+        print(f"re-queued {len(s['pipeline']['in_flight'])} groups in flight at the checkpoint")
+
+
+IN_FLIGHT_WEIGHTS = "in_flight_weights_v"  # checkpoint tensor groups: the weights of older versions still in flight
 
 
 def _write_parquet(rows: list[dict], path: Path) -> None:
@@ -111,6 +141,8 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     run = Run(cfg, run_dir, actors, prompts, primary, taus)
     if resume_from is not None:
         run.restore(resume_from)
+    elif cfg.train.deterministic:
+        seed_global_rngs(cfg.train.seed)
     # groups admitted before a restart were consumed or dropped, so admission restarts from the step
     staleness = StalenessManager(cfg.train.groups_per_step, cfg.train.max_staleness,
                                  started=run.step * cfg.train.groups_per_step)
@@ -120,15 +152,17 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
                     seed=cfg.train.seed, next_group=run.next_group, group_size=cfg.rollout.group_size,
                     dynamic_grouping=cfg.rollout.dynamic_grouping, signal_rewards=list(channels),
                     fail_after={n: s.max_consecutive_failures for n, s in cfg.rewards.models.items()},
-                    describe={n: f"{n!r} ({s.url})" if s.url else repr(n) for n, s in cfg.rewards.models.items()})
+                    describe={n: f"{n!r} ({s.url})" if s.url else repr(n) for n, s in cfg.rewards.models.items()},
+                    in_order=cfg.train.deterministic)
     channel_weights = (lambda batch: run.curriculum.update(batch_means(batch))) if run.curriculum else None
     log = MetricsLog(run_dir, start_step=run.step)
     dash = DashboardMetrics()
     pipe.publish(run.step, actors.learner.weights.remote())
+    if run.requeue is not None:
+        pipe.requeue(*run.requeue)
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
     chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller)
     scored_before = {name: 0 for name in pipe.pools}
-    streaks = {name: 0 for name in pipe.pools}
     while run.step < cfg.train.steps and not (stop and stop.is_set()):
         t0 = time.perf_counter()
         batch, stats, waited = pipe.learner_step(actors.learner, run.step, cfg.train.groups_per_step, primary, taus,
@@ -142,7 +176,8 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
         run.next_group = pipe.next_group
         scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
         row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
-        row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0, streaks))
+        row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0,
+                                       run.streaks))
         row.update({f"reward_version/{name}": pool.version for name, pool in pipe.pools.items()})  # latest batch's
         scored_before = scored
         if victim := chaos.maybe_kill():
@@ -156,7 +191,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
                          "clips/s": f"{row['throughput/samples_per_s']:.1f}"})
         if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps or (stop and stop.is_set()):
             log.flush()  # metrics up to the checkpoint are on disk with it
-            run.save(pipe.held())
+            run.save(pipe)
     bar.close()
     log.close()
     pipe.close()
@@ -187,8 +222,6 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
 def _scale_reward_pools(cfg: Config, actors: RunActors, pipe: Pipeline, steps_done: int, before: dict, after: dict,
                         seconds: float, streaks: dict) -> dict:
     """Apply `videorl scale` requests and autoscaling; report replicas and reward throughput per model."""
-    from orchestrator.autoscale import scale_step
-
     rules = {n: s.autoscale for n, s in cfg.rewards.models.items()}
     sizes = scale_step(actors.control, pipe.pools, rules, streaks, steps_done)
     row = {f"replicas/{name}": n for name, n in sizes.items()}
@@ -246,6 +279,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     if cfg.ray.rollout_gpus == 0 and cfg.rollout.dtype:
         check_dtype(cfg.rollout.dtype, "cpu", key="rollout.dtype")
     check_rewards_fit(cfg)
+    cfg = one_rollout_actor_if_deterministic(cfg)
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)
     check_fits(cfg)  # before hours of pretraining, not after
@@ -297,6 +331,15 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     write_summary(run_dir, summary)
     write_report(run_dir)
     return summary
+
+
+def one_rollout_actor_if_deterministic(cfg: Config) -> Config:
+    """`train.deterministic` runs one rollout actor whatever ray.rollout_workers says (its calls run in the order they
+    were made, so no group's weights version depends on how the work was spread); the resolved config.yaml records 1."""
+    if not cfg.train.deterministic or cfg.ray.rollout_workers == 1:
+        return cfg
+    print(f"train.deterministic: one rollout actor (ray.rollout_workers={cfg.ray.rollout_workers} ignored)")
+    return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"rollout_workers": 1})})
 
 
 @contextlib.contextmanager
