@@ -79,8 +79,8 @@ class Run:
             "curriculum": self.curriculum.state_dict() if self.curriculum else None, "driver_rng": driver_rng,
             "scaling": scaling_state(self.actors.control, pipe.pools, self.streaks),
         }
+        _write_parquet(self.rollout_rows, self.dir / "rollouts.parquet")  # before the checkpoint, as metrics are
         save_checkpoint(self.dir, self.step, tensors, state)
-        _write_parquet(self.rollout_rows, self.dir / "rollouts.parquet")
 
     def restore(self, ckpt: Checkpoint) -> None:
         for path, reason in ckpt.skipped:
