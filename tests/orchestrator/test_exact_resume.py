@@ -3,7 +3,6 @@
 pipeline's re-queue and the reward scaling state on their own (real actors, the bench's simulated device time)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
