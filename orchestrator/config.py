@@ -247,7 +247,7 @@ class RayConfig(Section):
     rollout_workers: int = Field(2, ge=1)
     rollout_cpus: float = Field(0.4, gt=0)
     rollout_gpus: float = Field(0.0, ge=0)
-    learner_cpus: float = Field(0.4, gt=0)
+    learner_cpus: float = Field(0.3, gt=0)  # per learner rank (Ray accounting; torch runs `threads` threads)
     learner_gpus: float = Field(0.0, ge=0)  # per learner rank
     learner_workers: int = Field(1, ge=1)  # learner ranks (learner.parallel: ddp replicas or fsdp2 shards)
     placement: Literal["pack", "spread"] = "pack"  # the learner ranks' placement group strategy
