@@ -126,6 +126,14 @@ class LearnerGroup:
     def head(self):
         return self.ranks[0]
 
+    def alive(self, timeout_s: float = 10.0) -> bool:
+        """Every rank answers (a rank stuck in a collective with a dead one does not)."""
+        try:
+            ray.get([r.version.remote() for r in self.ranks], timeout=timeout_s)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
     def shutdown(self) -> None:
         for handle in self.ranks:
             ray.kill(handle, no_restart=True)

@@ -6,6 +6,7 @@ Names are readable in the dashboard: rollout-<i>, reward-<model>-<i>, learner, c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -43,6 +44,13 @@ class RunActors:
     control: object  # the named control actor `videorl scale` talks to
     learners: LearnerGroup
     prompt_table: list | None = None  # [ObjectRef] held for the run: restarted rollout actors read it again
+    start_learners: Callable[[], LearnerGroup] | None = None  # a fresh learner group (restart after a death)
+
+    def restart_learner(self) -> None:
+        """Replace the learner group (every rank: a process group cannot take a newcomer) with a fresh one."""
+        self.learners.shutdown()
+        self.learners = self.start_learners()
+        self.learner = self.learners.head
 
     def shutdown(self) -> None:
         for pool in self.pools.values():
@@ -102,9 +110,12 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
                                 delay_s=spec.delay_s, frame_shape=shape, options=spec.scorer_options())
         pools[name] = RewardPool(name, spawn, spec.replicas)
         names[name] = [spec.prefix + d for d in reward_dims[name]]
-    learners = learner_group(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
+    def start_learners():
+        return learner_group(cfg.model, base_path, cfg.learner.model_dump(), cfg.train.steps, cfg.train.seed,
                              workers=cfg.ray.learner_workers, placement=cfg.ray.placement,
                              num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus, base_key=base.key,
                              sum_norm=cfg.constraints.sum_norm)
+    learners = start_learners()
     controller = controller_actor(cfg.constraints.model_dump(), taus)
-    return RunActors(rollouts, pools, names, learners.head, controller, control_actor(list(pools)), learners, table)
+    return RunActors(rollouts, pools, names, learners.head, controller, control_actor(list(pools)), learners, table,
+                     start_learners)

@@ -64,6 +64,7 @@ class Run:
         self.reward_versions: dict[str, list[str]] = {}  # per reward model, the versions that scored its batches
         self.streaks = {name: 0 for name in actors.pools}  # the autoscaler's (autoscale.decide)
         self.requeue: tuple[dict, dict[int, ray.ObjectRef]] | None = None  # after restore: for Pipeline.requeue
+        self.learner: dict[str, int] = {}  # learner restarts and what they replayed (train_loop)
         self.started = time.perf_counter()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -131,13 +132,48 @@ def batch_means(batch: list[Group]) -> dict[str, float]:
     return {n: float(np.mean(np.concatenate([g.rewards[n] for g in batch]))) for n in names}
 
 
+class LearnerDied(Exception):
+    """A rank of the learner group died (or hangs in a collective with a dead one); `run` is where the run was."""
+
+    def __init__(self, run: Run, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+        self.run = run
+
+
 def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
                taus: dict[str, float], resume_from: Checkpoint | None = None, progress: bool = True,
                stop: threading.Event | None = None) -> Run:
     """Run the RL steps; returns the finished Run (ledger, lambdas, rows) for the summary.
 
     `stop` (set by Ctrl-C / SIGTERM in the CLI) ends the run after the current step, with a checkpoint.
+    When the learner dies, a new learner group starts and the run goes on from the latest checkpoint as a resume
+    would (metrics rows and rollouts after it are rewritten, the groups since are generated and trained again, each
+    once in the surviving run), at most `train.max_learner_restarts` times; `run.learner` counts what was replayed.
     """
+    replayed = {"restarts": 0, "steps_replayed": 0, "groups_replayed": 0}
+    while True:
+        try:
+            run = _train_steps(cfg, run_dir, actors, prompts, primary, taus, resume_from, progress, stop, replayed)
+            run.learner = replayed
+            return run
+        except LearnerDied as died:
+            if replayed["restarts"] >= cfg.train.max_learner_restarts:
+                raise RuntimeError(f"the learner died again after {replayed['restarts']} restarts "
+                                   f"(train.max_learner_restarts): {died}") from None
+            for pool in actors.pools.values():  # scores of the abandoned groups must not meet their regenerated ids
+                pool.drain()
+            actors.restart_learner()
+            resume_from = latest_checkpoint(run_dir)
+            back_to = (resume_from.state["step"], resume_from.state["next_group"]) if resume_from else (0, 0)
+            replayed["restarts"] += 1
+            replayed["steps_replayed"] += died.run.step - back_to[0]
+            replayed["groups_replayed"] += died.run.next_group - back_to[1]
+            print(f"learner died at step {died.run.step} ({died}); restarted, going on from step {back_to[0]}")
+
+
+def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
+                 taus: dict[str, float], resume_from: Checkpoint | None, progress: bool,
+                 stop: threading.Event | None, replayed: dict[str, int]) -> Run:
     run = Run(cfg, run_dir, actors, prompts, primary, taus)
     if resume_from is not None:
         run.restore(resume_from)
@@ -161,43 +197,60 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     if run.requeue is not None:
         pipe.requeue(*run.requeue)
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
-    chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller)
+    chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller, learners=actors.learners.ranks)
     scored_before = {name: 0 for name in pipe.pools}
-    while run.step < cfg.train.steps and not (stop and stop.is_set()):
-        t0 = time.perf_counter()
-        batch, stats, waited = pipe.learner_step(actors.learner, run.step, cfg.train.groups_per_step, primary, taus,
-                                                 run.lambdas, channel_weights)
-        means = batch_means(batch)
-        lambdas_used = dict(run.lambdas)
-        run.lambdas, run.controller_state = ray.get(
-            actors.controller.update.remote({c: means[c] for c in taus}, run.controller_state))
-        run.step += 1
-        run.samples += sum(len(g.rewards[primary]) for g in batch)
-        run.next_group = pipe.next_group
-        scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
-        row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
-        row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0,
-                                       run.streaks))
-        row.update({f"reward_version/{name}": pool.version for name, pool in pipe.pools.items()})  # latest batch's
-        scored_before = scored
-        if victim := chaos.maybe_kill():
-            print(f"chaos: killed {victim}")
-        row["chaos/kills"] = len(chaos.kills)
-        log.log(row)
-        _dashboard(dash, row, pipe)
-        run.rollout_rows += _rollout_rows(run.step - 1, batch, lambdas_used)
-        bar.update(1)
-        bar.set_postfix({primary: f"{means[primary]:.3f}", **{f"λ{c}": f"{v:.2f}" for c, v in run.lambdas.items()},
-                         "clips/s": f"{row['throughput/samples_per_s']:.1f}"})
-        if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps or (stop and stop.is_set()):
-            log.flush()  # metrics up to the checkpoint are on disk with it
-            run.save(pipe)
-    bar.close()
-    log.close()
+    try:
+        while run.step < cfg.train.steps and not (stop and stop.is_set()):
+            t0 = time.perf_counter()
+            try:
+                batch, stats, waited = pipe.learner_step(actors.learner, run.step, cfg.train.groups_per_step, primary,
+                                                         taus, run.lambdas, channel_weights)
+            except ray.exceptions.RayError as e:
+                raise _learner_died(run, pipe, actors, e) from e
+            means = batch_means(batch)
+            lambdas_used = dict(run.lambdas)
+            run.lambdas, run.controller_state = ray.get(
+                actors.controller.update.remote({c: means[c] for c in taus}, run.controller_state))
+            run.step += 1
+            run.samples += sum(len(g.rewards[primary]) for g in batch)
+            run.next_group = pipe.next_group
+            scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
+            row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
+            row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0,
+                                           run.streaks))
+            row.update({f"reward_version/{name}": pool.version for name, pool in pipe.pools.items()})  # latest batch's
+            scored_before = scored
+            if victim := chaos.maybe_kill():
+                print(f"chaos: killed {victim}")
+            row["chaos/kills"] = len(chaos.kills)
+            row["learner/restarts"] = replayed["restarts"]
+            log.log(row)
+            _dashboard(dash, row, pipe)
+            run.rollout_rows += _rollout_rows(run.step - 1, batch, lambdas_used)
+            bar.update(1)
+            bar.set_postfix({primary: f"{means[primary]:.3f}", **{f"λ{c}": f"{v:.2f}" for c, v in run.lambdas.items()},
+                             "clips/s": f"{row['throughput/samples_per_s']:.1f}"})
+            if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps or (stop and stop.is_set()):
+                log.flush()  # metrics up to the checkpoint are on disk with it
+                try:
+                    run.save(pipe)
+                except ray.exceptions.RayError as e:
+                    raise _learner_died(run, pipe, actors, e) from e
+    finally:
+        bar.close()
+        log.close()  # a dying learner's rows after the latest checkpoint are discarded by the next MetricsLog
     pipe.close()
     run.held = pipe.held()
     run.reward_versions = {name: list(pool.versions) for name, pool in pipe.pools.items()}
     return run
+
+
+def _learner_died(run: Run, pipe: Pipeline, actors: RunActors, error: BaseException) -> BaseException:
+    """LearnerDied when a learner rank is gone (the error came from the learner group), else the error itself. The
+    pipeline is closed either way: a restart builds a new one."""
+    dead = not actors.learners.alive()
+    pipe.close()
+    return LearnerDied(run, error) if dead else error
 
 
 def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipeline, waited: float, seconds: float) -> dict:
@@ -322,6 +375,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
                     "training_batches": last_quarter.get(inputs.primary)},
         "lambdas": run.lambdas,
         "ledger": run.ledger.balance(run.held),
+        "learner": run.learner,  # restarts, and the steps and groups generated again after each
         "reward_versions": run.reward_versions,  # per reward model, every version that scored a batch of this process
         "throughput": {"samples": run.samples, "seconds": round(time.perf_counter() - run.started, 1),
                        "samples_per_s": run.samples / (time.perf_counter() - run.started)},
