@@ -151,9 +151,11 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     once in the surviving run), at most `train.max_learner_restarts` times; `run.learner` counts what was replayed.
     """
     replayed = {"restarts": 0, "steps_replayed": 0, "groups_replayed": 0}
+    chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller, learners=actors.learners.ranks)
     while True:
         try:
-            run = _train_steps(cfg, run_dir, actors, prompts, primary, taus, resume_from, progress, stop, replayed)
+            run = _train_steps(cfg, run_dir, actors, prompts, primary, taus, resume_from, progress, stop, replayed,
+                               chaos)
             run.learner = replayed
             return run
         except LearnerDied as died:
@@ -163,6 +165,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
             for pool in actors.pools.values():  # scores of the abandoned groups must not meet their regenerated ids
                 pool.drain()
             actors.restart_learner()
+            chaos.learners = list(actors.learners.ranks)
             resume_from = latest_checkpoint(run_dir)
             back_to = (resume_from.state["step"], resume_from.state["next_group"]) if resume_from else (0, 0)
             replayed["restarts"] += 1
@@ -173,7 +176,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
 
 def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
                  taus: dict[str, float], resume_from: Checkpoint | None, progress: bool,
-                 stop: threading.Event | None, replayed: dict[str, int]) -> Run:
+                 stop: threading.Event | None, replayed: dict[str, int], chaos: ChaosMonkey) -> Run:
     run = Run(cfg, run_dir, actors, prompts, primary, taus)
     if resume_from is not None:
         run.restore(resume_from)
@@ -197,7 +200,6 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
     if run.requeue is not None:
         pipe.requeue(*run.requeue)
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
-    chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller, learners=actors.learners.ranks)
     scored_before = {name: 0 for name in pipe.pools}
     try:
         while run.step < cfg.train.steps and not (stop and stop.is_set()):
