@@ -9,6 +9,8 @@ and they meet in the step's collectives. The ranks sit in one placement group (`
 from __future__ import annotations
 
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -19,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors
 from policy.backend import load_policy
 from policy.learner import Learner, LearnerConfig, ScoredGroup
-from policy.parallel import Ranks, init_world
+from policy.parallel import Ranks, WeightBroadcast, init_world
 from policy.rollout import trajectory_from_payload
 
 
@@ -33,6 +35,10 @@ class LearnerActor:
         self.total_steps, self.seed, self.sum_norm = total_steps, seed, sum_norm
         self.base, self.base_key = base, base_key  # recorded in checkpoints: adapters only fit the base they grew on
         self.ranks, self.peers = Ranks(rank, world, self.cfg.parallel), []
+        self.sync: WeightBroadcast | None = None  # weights.sync=broadcast: rank 0's group with the rollout actors
+        self.sender = ThreadPoolExecutor(1)  # broadcasts in the background, in version order, while training goes on
+        self.sent: dict[int, dict[str, torch.Tensor]] = {}  # broadcast versions, kept while groups may run on them
+        self.send_seconds = float("nan")  # the last finished broadcast's
         if world == 1:
             self._build()
 
@@ -56,6 +62,11 @@ class LearnerActor:
         init_world(address, port, self.ranks.rank, self.ranks.world)
         self._build()
         self.peers = list(peers or [])
+
+    def join_weight_sync(self, address: str, port: int, world: int, timeout_s: float) -> None:
+        """Rank 0 opens the broadcast group with the rollout actors (it is rank 0 there too; they join at once)."""
+        self.sender.submit(lambda: None).result()  # a broadcast on an old group first finishes or fails
+        self.sync = WeightBroadcast(address, port, 0, world, timeout_s)
 
     def _on_peers(self, method: str, *args, collective: bool = True) -> list:
         """Start `method(*args)` on the other ranks (rank 0 only; those that must meet this rank in a collective)."""
@@ -86,6 +97,39 @@ class LearnerActor:
         weights = self.learner.weights()
         ray.get(others)
         return weights if self.ranks.rank == 0 else None  # the other ranks only helped gather
+
+    def broadcast_weights(self, version: int, keep: int, bucket_bytes: int) -> dict[str, float]:
+        """Publish `version` (the current weights) over the broadcast group: whole tensors are gathered now (a
+        collective with fsdp2) and sent from a background thread, so the next step need not wait for the rollout
+        actors to take them. Keeps the last `keep` versions for `weights_of`. -> {"bytes", "seconds"} of the gather."""
+        start = time.perf_counter()
+        others = self._on_peers("weights", collective=self.ranks.sharded)
+        state = self.learner.weights()
+        ray.get(others)
+        self.sent = {v: w for v, w in self.sent.items() if v > version - keep} | {version: state}
+        gathered = time.perf_counter() - start
+        if self.sync is None:  # a send failed (a rollout actor died): the orchestrator opens a new group
+            raise ConnectionError(f"weight broadcast group is down; version {version} kept for the object store")
+        self.sender.submit(self._send, self.sync, version, state, bucket_bytes)
+        return {"weights/broadcast_bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
+                "weights/gather_seconds": gathered, "weights/broadcast_seconds": self.send_seconds}
+
+    def _send(self, sync: WeightBroadcast, version: int, state: dict, bucket_bytes: int) -> None:
+        start = time.perf_counter()
+        try:
+            sync.send(version, state, bucket_bytes)
+        except Exception as e:  # a rollout actor died mid-broadcast: the orchestrator opens a new group
+            print(f"weight broadcast of version {version} failed: {e}")
+            if self.sync is sync:
+                self.sync = None  # dropping it closes its connections: members waiting on it fail at once
+            return
+        self.send_seconds = time.perf_counter() - start
+
+    def weights_of(self, version: int) -> dict[str, torch.Tensor]:
+        """A broadcast version again, through the object store (a restarted rollout actor, a re-queued group)."""
+        if version not in self.sent:
+            raise KeyError(f"weights version {version} is no longer kept (kept: {sorted(self.sent)})")
+        return self.sent[version]
 
     def version(self) -> int:
         return self.learner.version

@@ -6,6 +6,7 @@ import ray
 import torch
 
 from orchestrator.checkpoint import seed_global_rngs
+from policy.parallel import WeightBroadcast
 from policy.rollout import RolloutWorker
 
 
@@ -26,6 +27,21 @@ class RolloutActor(RolloutWorker):
 
     def ping(self) -> int:
         return self.version
+
+    def join_weight_sync(self, address: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        """Join the learner's broadcast group (weights.sync=broadcast) as `rank`."""
+        self.sync = WeightBroadcast(address, port, rank, world, timeout_s)
+
+    def receive_weights(self, version: int, bucket_bytes: int) -> int:
+        """Take `version` from the broadcast group (queued in order with this actor's generate calls). A failure
+        (a member died, this actor restarted outside the group) drops the group: the orchestrator opens a new one."""
+        sync, self.sync = getattr(self, "sync", None), None
+        if sync is None:
+            raise ConnectionError(f"this rollout actor is in no weight broadcast group (it restarted); "
+                                  f"version {version} comes from the object store")
+        weights = sync.receive(version, self.policy.trainable_state(), bucket_bytes)
+        self.sync = sync
+        return self.set_weights(version, weights)
 
 
 def rollout_actor(index: int, model_cfg, base: str | None, rollout_kwargs: dict, *, num_cpus: float,

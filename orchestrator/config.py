@@ -255,6 +255,19 @@ class RayConfig(Section):
     num_cpus: int | None = None  # local cluster size (None: all cores)
 
 
+class WeightsConfig(Section):
+    """How each new version reaches the rollout actors (orchestrator.pipeline): `object_store`, one object per
+    version that every actor fetches; `broadcast`, learner rank 0 sends whole tensors over a process group of its own
+    in buckets of bucket_mb (NCCL on GPU, gloo on CPU); `auto`, broadcast for full weights when the learner and
+    the rollout actors have GPUs, the object store otherwise (LoRA adapters are small)."""
+
+    sync: Literal["auto", "object_store", "broadcast"] = "auto"
+    bucket_mb: float = Field(64.0, gt=0)
+    # broadcast: a member waiting longer for a bucket (a peer died mid-version) gives up; the next version goes over
+    # a new group, and the actors that missed this one run on their previous version meanwhile
+    timeout_s: float = Field(60.0, gt=0)
+
+
 class EvalConfig(Section):
     sampler: Literal[SAMPLERS] = "ode"
     eta: float = Field(0.0, ge=0)
@@ -282,12 +295,22 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     chaos: ChaosConfig = ChaosConfig()
+    weights: WeightsConfig = WeightsConfig()
     eval: EvalConfig = EvalConfig()
     cache_dir: str | None = None  # None: $VIDEORL_CACHE or ~/.cache/videorl
     threads: int = Field(1, ge=1)  # torch threads per process; more oversubscribes small CPU ops
     # one seed for every random choice of a run (data, pretraining, preference pairs, reward models, users,
     # calibration, training) where the section sets none itself; eval.seed stays: runs share one held-out draw
     seed: int | None = None
+
+    def weight_sync(self) -> str:
+        """`weights.sync` resolved: "broadcast" or "object_store"."""
+        if self.weights.sync != "auto":
+            return self.weights.sync
+        from policy.backend import uses_lora
+
+        on_gpus = self.ray.learner_gpus > 0 and self.ray.rollout_gpus > 0
+        return "broadcast" if on_gpus and not uses_lora(self.model) else "object_store"
 
     def seeded_sections(self) -> list[BaseModel]:
         """The sections whose `seed` the top-level seed sets."""

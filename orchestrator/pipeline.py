@@ -91,25 +91,94 @@ class PromptCursor:
         return {"epoch": self.epoch, "index": self.index}
 
 
+class BroadcastSync:
+    """weights.sync=broadcast: whole weights go from learner rank 0 to the rollout actors over a process group of
+    their own (`policy.parallel.WeightBroadcast`, NCCL on GPU), bucket by bucket, instead of one object per version
+    through the store. The learner gathers a version and sends it from a background thread (training goes on); each
+    rollout actor takes it in order with its generate calls, so versions still apply between groups. A restarted
+    rollout actor cannot rejoin a group it left: the group is made anew before the next version (`broken`)."""
+
+    def __init__(self, learner, keep: int, bucket_bytes: int, timeout_s: float = 60.0):
+        """keep: versions the learner keeps for object-store fetches (re-queued groups, restarted actors); timeout_s:
+        how long a member waits for a bucket before the version fails (a peer died) and the group is made anew."""
+        self.learner, self.keep, self.bucket_bytes, self.timeout_s = learner, keep, bucket_bytes, timeout_s
+        self.broken = True  # opened before the first version
+        self.stats_ref: ray.ObjectRef | None = None
+        self.receives: list[ray.ObjectRef] = []  # the last version's receive calls
+
+    def open(self, workers: list) -> None:
+        """A new group of the learner and every rollout actor (waiting first for actors that are restarting)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ray.get([w.ping.remote() for w in workers])
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        address, port = ray.get(self.learner.endpoint.remote())
+        world = len(workers) + 1
+        ray.get([self.learner.join_weight_sync.remote(address, port, world, self.timeout_s),
+                 *[w.join_weight_sync.remote(address, port, i + 1, world, self.timeout_s)
+                   for i, w in enumerate(workers)]])
+        self.broken = False
+
+    def publish(self, version: int, workers: list) -> bool:
+        """Broadcast `version`; False when no group could be made (an actor still restarting): the caller publishes
+        this version through the object store, and the next one tries a group again."""
+        failed = self._failed([self.stats_ref] if self.stats_ref is not None else []) or self._failed(self.receives)
+        if self.broken or failed:  # a member left (an actor restarted, or a send failed): a new group first
+            try:
+                self.open(workers)
+            except ray.exceptions.RayError:
+                self.broken = True
+                return False
+        self.stats_ref = self.learner.broadcast_weights.remote(version, self.keep, self.bucket_bytes)
+        self.receives = [w.receive_weights.remote(version, self.bucket_bytes) for w in workers]
+        return True
+
+    @staticmethod
+    def _failed(refs: list) -> bool:
+        """Some finished call of the last version raised (those still running are left to finish or time out)."""
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                return True
+        return False
+
+    def stats(self) -> dict[str, float]:
+        """The last version's bytes and gather seconds, and the last finished send's seconds ({} when it failed)."""
+        try:
+            return ray.get(self.stats_ref) if self.stats_ref is not None else {}
+        except ray.exceptions.RayError:
+            return {}
+
+
 class Pipeline:
     def __init__(self, workers: list, pools: dict[str, RewardPool], reward_names: dict[str, list[str]],
                  prompts: PromptCursor, staleness: StalenessManager, ledger: Ledger, seed: int,
                  next_group: int = 0, per_worker: int = 2, group_size: int = 1, dynamic_grouping=None,
                  signal_rewards: Sequence[str] = (), fail_after: dict[str, int] | None = None,
-                 describe: dict[str, str] | None = None, in_order: bool = False):
+                 describe: dict[str, str] | None = None, in_order: bool = False, sync: BroadcastSync | None = None):
         """dynamic_grouping: `rollout.dynamic_grouping` (min_std, max_resamples) or None; signal_rewards: the reward
         names whose spread counts as signal (the learner's channels); fail_after: {pool: N}, end the run after N
         groups in a row dropped for infrastructure errors of that pool (absent: never); describe: {pool: how errors
         name it}, e.g. its URL; in_order: `train.deterministic` (see the module docstring; per_worker is then no
-        bound, the staleness capacity is)."""
+        bound, the staleness capacity is); sync: weights.sync=broadcast (None: every version through the object
+        store)."""
         self.workers, self.pools, self.reward_names = workers, pools, reward_names
+        self.sync = sync
         self.prompts, self.staleness, self.ledger = prompts, staleness, ledger
         self.seed, self.next_group, self.per_worker, self.group_size = seed, next_group, per_worker, group_size
         self.rolling: dict[ray.ObjectRef, Group] = {}  # meta ref -> group being generated
         self.scoring: dict[str, Group] = {}
         self.ready: deque[Group] = deque()
-        self.weights: tuple[int, ray.ObjectRef] | None = None
-        self.published: dict[int, ray.ObjectRef] = {}  # version -> weights, while a group in flight was launched on it
+        self.weights: tuple[int, ray.ObjectRef | None] | None = None
+        # version -> weights, while a group in flight was launched on it (None: broadcast, fetched when needed)
+        self.published: dict[int, ray.ObjectRef | None] = {}
         self.in_order = in_order
         self.rollout_busy_s = 0.0
         self.dynamic_grouping, self.signal_rewards = dynamic_grouping, list(signal_rewards)
@@ -118,13 +187,35 @@ class Pipeline:
         self.failing = dict.fromkeys(pools, 0)  # groups in a row each pool gave up on
 
     # -- weights ---------------------------------------------------------------------------
+    def publish_from(self, learner, version: int) -> None:
+        """Publish the learner's current weights as `version`: through the object store, or over the broadcast group
+        when the pipeline has one (`BroadcastSync`)."""
+        if self.sync is None:
+            self.publish(version, learner.weights.remote())
+            return
+        if self.sync.publish(version, self.workers):  # (a new group first when a member left)
+            self._published(version, None)
+        else:
+            self.publish(version, learner.weights.remote())
+
     def publish(self, version: int, weights_ref: ray.ObjectRef) -> None:
         """Send version `version` to every rollout actor (one object in the store, fetched by ref)."""
-        self.weights = (version, weights_ref)
         for w in self.workers:
             w.set_weights.remote(version, weights_ref)
+        self._published(version, weights_ref)
+
+    def _published(self, version: int, weights_ref: ray.ObjectRef | None) -> None:
+        self.weights = (version, weights_ref)
         used = {g.version for g in self.in_flight()}
         self.published = {v: ref for v, ref in self.published.items() if v in used} | {version: weights_ref}
+
+    def weights_ref(self, version: int) -> ray.ObjectRef:
+        """Version `version` in the object store (a broadcast one is fetched from the learner the first time)."""
+        if self.published[version] is None:
+            self.published[version] = self.sync.learner.weights_of.remote(version)
+            if self.weights[0] == version:
+                self.weights = (version, self.published[version])
+        return self.published[version]
 
     # -- the three stages ------------------------------------------------------------------
     def worker_loads(self) -> list[int]:
@@ -154,10 +245,10 @@ class Pipeline:
         actor = self.workers[worker]
         older = self.weights is not None and group.version != self.weights[0]
         if older:
-            actor.set_weights.remote(group.version, self.published[group.version])
+            actor.set_weights.remote(group.version, self.weights_ref(group.version))
         batch, payload, meta = actor.generate.options(num_returns=3).remote(group.gid, group.prompt, group.seed)
         if older:
-            actor.set_weights.remote(*self.weights)
+            actor.set_weights.remote(self.weights[0], self.weights_ref(self.weights[0]))
         group.batch_ref, group.payload_ref = batch, payload
         self.rolling[meta] = group
 
@@ -176,7 +267,9 @@ class Pipeline:
         except RayActorError:
             self._retry_rollout(group)
             return
-        if meta["version"] < 0:  # a restarted actor ran before its weights came back: not the policy's sample
+        if meta["version"] < 0 or meta["version"] < group.version:
+            # a restarted actor ran before its weights came back, or one missed a broadcast version: either way
+            # not a sample of the policy the group was launched for
             self._retry_rollout(group)
             return
         self.ledger.produce(group.gid)
@@ -190,8 +283,10 @@ class Pipeline:
     def _retry_rollout(self, group: Group) -> None:
         self.ledger.retried += 1
         dead = self.workers[group.worker]
+        if self.sync is not None:
+            self.sync.broken = True  # the restarted actor is not in the broadcast group any more
         if self.weights:  # the restarted actor came back with fresh weights: give it the current ones
-            dead.set_weights.remote(*self.weights)
+            dead.set_weights.remote(self.weights[0], self.weights_ref(self.weights[0]))
             group.version = self.weights[0]  # and the group is re-run on them, as fresh as anything started now
         others = [i for i in range(len(self.workers)) if i != group.worker] or [group.worker]
         self._launch(group, others[self.next_group % len(others)])
@@ -265,7 +360,7 @@ class Pipeline:
             if not self.in_order:  # in order, the actors work on what they hold; nothing new starts mid-step
                 self.pump(version)
         stats = ray.get(update)
-        self.publish(version + 1, learner.weights.remote())
+        self.publish_from(learner, version + 1)
         for g in batch:
             self.ledger.consume(g.gid)
         return batch, stats, waited
@@ -324,7 +419,7 @@ class Pipeline:
         """The weights of the versions groups in flight were launched on, other than the current one (which the
         learner's checkpoint holds)."""
         current = self.weights[0] if self.weights else None
-        return {g.version: self.published[g.version] for g in self.in_flight() if g.version != current}
+        return {g.version: self.weights_ref(g.version) for g in self.in_flight() if g.version != current}
 
     def requeue(self, state: dict, weights: dict[int, ray.ObjectRef]) -> None:
         """Resume: start again, oldest first, the groups `state_dict` saved as in flight (same ids, prompts, seeds and

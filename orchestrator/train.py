@@ -43,7 +43,7 @@ from orchestrator.cluster import RunActors, start_actors
 from orchestrator.config import Config
 from orchestrator.ledger import Ledger
 from orchestrator.metrics import DashboardMetrics, MetricsLog
-from orchestrator.pipeline import Group, Pipeline, PromptCursor
+from orchestrator.pipeline import BroadcastSync, Group, Pipeline, PromptCursor
 from orchestrator.staleness import StalenessManager
 from rewards.curriculum import SelfPacedCurriculum, check_curriculum_rewards
 
@@ -192,11 +192,11 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
                     dynamic_grouping=cfg.rollout.dynamic_grouping, signal_rewards=list(channels),
                     fail_after={n: s.max_consecutive_failures for n, s in cfg.rewards.models.items()},
                     describe={n: f"{n!r} ({s.url})" if s.url else repr(n) for n, s in cfg.rewards.models.items()},
-                    in_order=cfg.train.deterministic)
+                    in_order=cfg.train.deterministic, sync=_weight_sync(cfg, actors))
     channel_weights = (lambda batch: run.curriculum.update(batch_means(batch))) if run.curriculum else None
     log = MetricsLog(run_dir, start_step=run.step)
     dash = DashboardMetrics()
-    pipe.publish(run.step, actors.learner.weights.remote())
+    pipe.publish_from(actors.learner, run.step)
     if run.requeue is not None:
         pipe.requeue(*run.requeue)
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
@@ -221,6 +221,8 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
             row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0,
                                            run.streaks))
             row.update({f"reward_version/{name}": pool.version for name, pool in pipe.pools.items()})  # latest batch's
+            if pipe.sync is not None:
+                row.update(pipe.sync.stats())
             scored_before = scored
             if victim := chaos.maybe_kill():
                 print(f"chaos: killed {victim}")
@@ -245,6 +247,14 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
     run.held = pipe.held()
     run.reward_versions = {name: list(pool.versions) for name, pool in pipe.pools.items()}
     return run
+
+
+def _weight_sync(cfg: Config, actors: RunActors) -> BroadcastSync | None:
+    """weights.sync: None for the object store; a broadcast group keeps the versions groups may still run on."""
+    if cfg.weight_sync() != "broadcast":
+        return None
+    return BroadcastSync(actors.learner, keep=cfg.train.max_staleness + 2, bucket_bytes=int(cfg.weights.bucket_mb * 2**20),
+                         timeout_s=cfg.weights.timeout_s)
 
 
 def _learner_died(run: Run, pipe: Pipeline, actors: RunActors, error: BaseException) -> BaseException:

@@ -15,6 +15,7 @@ with fewer groups repeats one with weight 0 (`Ranks.passes`).
 from __future__ import annotations
 
 import datetime
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,9 @@ def shard(policies: Sequence, mixed_bf16: bool = False) -> list[nn.Module]:
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16
           else MixedPrecisionPolicy())
+    # our blocks return views (attention outputs, their keys and values) that no caller modifies in place: the
+    # equality tests (tests/actors/test_learner_group.py) hold; the per-call warning would flood the logs
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     roots: list[nn.Module] = []
     for policy in policies:
         root, blocks, methods = policy.fsdp_units()
@@ -155,3 +159,65 @@ def local_numel(params: Sequence[Tensor]) -> int:
 def scalar(t: Tensor | float) -> float:
     """A float from a maybe-sharded scalar (clip_grad_norm_ of DTensor gradients returns a DTensor)."""
     return float(full_tensor(t)) if isinstance(t, Tensor) else float(t)
+
+
+class WeightBroadcast:
+    """A process group of its own, beside the learner's: learner rank 0 (rank 0 here) sends each version's whole
+    tensors to the rollout actors (ranks 1..R), in buckets of at most `bucket_bytes`; NCCL on GPU, gloo on CPU.
+
+    Every member calls `send` / `receive` once per version, in version order (a collective). A header goes first:
+    receivers check the version they were told to expect, and the tensor count, before taking any weights.
+    """
+
+    def __init__(self, address: str, port: int, rank: int, world: int, timeout_s: float = 60.0):
+        """timeout_s: a member that waits longer for a bucket (a peer died mid-version) raises instead of hanging."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(address, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+        store = dist.PrefixStore("weight_sync", store)
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.group = (dist.ProcessGroupNCCL(store, rank, world) if self.device.type == "cuda"
+                      else dist.ProcessGroupGloo(store, rank, world, timeout))
+        self.rank, self._store = rank, store  # the store must outlive the group
+
+    def _broadcast(self, t: Tensor) -> None:
+        self.group.broadcast([t], dist.BroadcastOptions()).wait()
+
+    def send(self, version: int, state: Mapping[str, Tensor], bucket_bytes: int = 64 << 20) -> None:
+        keys = sorted(state)
+        self._broadcast(torch.tensor([version, len(keys)], dtype=torch.int64, device=self.device))
+        for bucket in _buckets([state[k] for k in keys], bucket_bytes):
+            self._broadcast(torch.cat([t.detach().reshape(-1) for t in bucket]).to(self.device))
+
+    def receive(self, version: int, like: Mapping[str, Tensor], bucket_bytes: int = 64 << 20) -> dict[str, Tensor]:
+        """The tensors of `version`, shaped and typed as `like` (this side's own trainable state: same keys)."""
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._broadcast(header)
+        got, count = int(header[0]), int(header[1])
+        if got != version or count != len(like):
+            raise ValueError(f"weight broadcast: expected version {version} with {len(like)} tensors, the learner "
+                             f"sent version {got} with {count}")
+        keys = sorted(like)
+        out: dict[str, Tensor] = {}
+        for bucket in _buckets([like[k] for k in keys], bucket_bytes):
+            flat = torch.empty(sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=self.device)
+            self._broadcast(flat)
+            offset = 0
+            for t in bucket:
+                out[keys[len(out)]] = flat[offset: offset + t.numel()].view(t.shape).cpu()
+                offset += t.numel()
+        return out
+
+
+def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
+    """Consecutive runs of tensors of one dtype, each at most bucket_bytes (a larger tensor alone): both sides cut
+    the same buckets from the same shapes."""
+    buckets: list[list[Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not buckets or t.dtype != buckets[-1][0].dtype or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += nbytes
+    return buckets
