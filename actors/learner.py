@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors
 from policy.backend import load_policy
 from policy.learner import Learner, LearnerConfig, ScoredGroup
-from policy.parallel import Ranks, WeightBroadcast, init_world
+from policy.parallel import Ranks, WeightBroadcast, buckets, init_world
 from policy.rollout import trajectory_from_payload
 
 
@@ -112,6 +112,7 @@ class LearnerActor:
             raise ConnectionError(f"weight broadcast group is down; version {version} kept for the object store")
         self.sender.submit(self._send, self.sync, version, state, bucket_bytes)
         return {"weights/broadcast_bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
+                "weights/broadcast_buckets": float(len(buckets(list(state.values()), bucket_bytes))),
                 "weights/gather_seconds": gathered, "weights/broadcast_seconds": self.send_seconds}
 
     def _send(self, sync: WeightBroadcast, version: int, state: dict, bucket_bytes: int) -> None:

@@ -185,7 +185,7 @@ class WeightBroadcast:
     def send(self, version: int, state: Mapping[str, Tensor], bucket_bytes: int = 64 << 20) -> None:
         keys = sorted(state)
         self._broadcast(torch.tensor([version, len(keys)], dtype=torch.int64, device=self.device))
-        for bucket in _buckets([state[k] for k in keys], bucket_bytes):
+        for bucket in buckets([state[k] for k in keys], bucket_bytes):
             self._broadcast(torch.cat([t.detach().reshape(-1) for t in bucket]).to(self.device))
 
     def receive(self, version: int, like: Mapping[str, Tensor], bucket_bytes: int = 64 << 20) -> dict[str, Tensor]:
@@ -198,7 +198,7 @@ class WeightBroadcast:
                              f"sent version {got} with {count}")
         keys = sorted(like)
         out: dict[str, Tensor] = {}
-        for bucket in _buckets([like[k] for k in keys], bucket_bytes):
+        for bucket in buckets([like[k] for k in keys], bucket_bytes):
             flat = torch.empty(sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=self.device)
             self._broadcast(flat)
             offset = 0
@@ -208,7 +208,7 @@ class WeightBroadcast:
         return out
 
 
-def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
+def buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
     """Consecutive runs of tensors of one dtype, each at most bucket_bytes (a larger tensor alone): both sides cut
     the same buckets from the same shapes."""
     buckets: list[list[Tensor]] = []

@@ -12,7 +12,9 @@ from actors.rollout import rollout_actor
 from orchestrator.config import load_config
 from orchestrator.pipeline import BroadcastSync
 from policy.backend import load_policy
-from policy.parallel import _buckets
+import threading
+
+from policy.parallel import WeightBroadcast, buckets
 
 pytestmark = pytest.mark.slow
 ROLLOUT = dict(mode="causal", sampler="sage", eta=0.7, steps=3, shift=1.0, group_size=4)
@@ -20,8 +22,26 @@ ROLLOUT = dict(mode="causal", sampler="sage", eta=0.7, steps=3, shift=1.0, group
 
 def test_buckets_cut_by_size_and_dtype():
     ts = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64), torch.zeros(1)]
-    sizes = [[t.numel() for t in b] for b in _buckets(ts, bucket_bytes=80)]
+    sizes = [[t.numel() for t in b] for b in buckets(ts, bucket_bytes=80)]
     assert sizes == [[10, 10], [30], [5], [1]]  # 40+40 bytes fill one; a larger tensor goes alone; dtypes split
+
+
+def test_a_member_waiting_for_a_version_that_never_comes_gives_up_after_timeout_s():
+    """A learner that died mid-version must not leave the rollout actors waiting forever (weights.timeout_s)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    groups = {}
+    threads = [threading.Thread(target=lambda r=r: groups.__setitem__(r, WeightBroadcast("127.0.0.1", port, r, 2, 1.0)))
+               for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with pytest.raises(RuntimeError):  # rank 0 never sends
+        groups[1].receive(3, {"w": torch.zeros(4)})
 
 
 def test_broadcast_version_equals_the_object_store_version(ray_cluster, tmp_path):

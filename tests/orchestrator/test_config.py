@@ -174,3 +174,13 @@ def test_top_level_seed_sets_every_section_seed_the_config_leaves_unset():
     assert cfg.train.seed == 7  # set explicitly: kept
     assert cfg.eval.seed == load_config().eval.seed  # every run is judged on the same held-out draw
     assert {s.seed for s in load_config().seeded_sections()} == {0}
+
+
+@pytest.mark.parametrize("overrides, sync", [
+    ([], "object_store"),  # the embedded default: CPUs
+    (["ray.learner_gpus=1", "ray.rollout_gpus=1"], "broadcast"),  # full weights between GPUs
+    (["ray.learner_gpus=1", "ray.rollout_gpus=1", "weights.sync=object_store"], "object_store"),
+    (["weights.sync=broadcast"], "broadcast"),
+])
+def test_weights_sync_auto_broadcasts_full_weights_between_gpus(overrides, sync):
+    assert load_config(None, overrides).weight_sync() == sync

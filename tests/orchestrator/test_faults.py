@@ -147,5 +147,6 @@ def test_broadcast_weight_sync_survives_rollout_restarts(tmp_path, ray_cluster):
     full, sent = m["weights/bytes_per_version"][0], m["weights/broadcast_bytes"]
     # whole weights by broadcast; a version published while an actor was still restarting went through the store
     assert full > 0 and np.all(sent[~np.isnan(sent)] == full) and np.sum(~np.isnan(sent)) >= 5, sent
+    assert np.nanmin(m["weights/broadcast_buckets"]) >= full / (0.01 * 2**20)  # weights.bucket_mb cuts the buckets
     ledger = summary["ledger"]
     assert ledger["retried"] > 0 and ledger["lost"] == 0 and ledger["balanced"] and ledger["consumed"] == 10 * 2
