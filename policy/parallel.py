@@ -81,6 +81,11 @@ def shard(policies: Sequence, mixed_bf16: bool = False) -> list[nn.Module]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    for policy in policies:
+        root, blocks, _ = policy.fsdp_units()
+        if not blocks:
+            raise ValueError(f"learner.parallel=fsdp2 shards a model per transformer block, but {type(root).__name__} "
+                             "names none (Policy.fsdp_units): use learner.parallel=ddp")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16

@@ -429,11 +429,7 @@ class WanPolicy(nn.Module):
 
     def fsdp_units(self) -> tuple[nn.Module, list[nn.Module], tuple[str, ...]]:
         """The diffusers transformer and its WanTransformerBlocks (every call goes through its forward)."""
-        blocks = list(getattr(self.transformer, "blocks", []))
-        if not blocks:
-            raise ValueError(f"learner.parallel=fsdp2 shards a model per transformer block, but "
-                             f"{type(self.transformer).__name__} has no `blocks` (WanTransformerBlock) to shard")
-        return self.transformer, blocks, ()
+        return self.transformer, list(getattr(self.transformer, "blocks", [])), ()
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Full weights: out_dir/transformer (diffusers save_pretrained). LoRA: out_dir/adapter.safetensors and, in

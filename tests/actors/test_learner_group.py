@@ -110,3 +110,14 @@ def test_a_checkpoint_of_two_fsdp2_ranks_resumes_on_one_and_back(ray_cluster, mo
     finally:
         one.shutdown()
         two.shutdown()
+
+
+def test_fsdp2_for_a_model_without_blocks_names_it():
+    from policy.parallel import shard
+
+    class Blockless:  # a policy whose model has no transformer blocks to shard
+        def fsdp_units(self):
+            return torch.nn.Linear(2, 2), [], ()
+
+    with pytest.raises(ValueError, match="per transformer block, but Linear names none"):
+        shard([Blockless()])
