@@ -240,7 +240,8 @@ class TrainConfig(Section):
     # each group's rollout and rewards awaited in order, global RNGs seeded from `seed`: two runs of one config give
     # the same weights and metrics (timing columns aside), and so does a run killed and resumed
     deterministic: bool = False
-    max_learner_restarts: int = Field(10, ge=0)  # a learner group that dies more often ends the run
+    # a learner group that dies more often than this without the run reaching a new checkpoint ends it
+    max_learner_restarts: int = Field(3, ge=0)
 
 
 class RayConfig(Section):

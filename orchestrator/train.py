@@ -148,10 +148,12 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     `stop` (set by Ctrl-C / SIGTERM in the CLI) ends the run after the current step, with a checkpoint.
     When the learner dies, a new learner group starts and the run goes on from the latest checkpoint as a resume
     would (metrics rows and rollouts after it are rewritten, the groups since are generated and trained again, each
-    once in the surviving run), at most `train.max_learner_restarts` times; `run.learner` counts what was replayed.
+    once in the surviving run); a learner that dies more than `train.max_learner_restarts` times without the run
+    reaching a new checkpoint ends it (a crash loop). `run.learner` counts what was replayed.
     """
     replayed = {"restarts": 0, "steps_replayed": 0, "groups_replayed": 0}
     chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller, learners=actors.learners.ranks)
+    in_a_row, last_back = 0, -1  # restarts since the run last reached a new checkpoint
     while True:
         try:
             run = _train_steps(cfg, run_dir, actors, prompts, primary, taus, resume_from, progress, stop, replayed,
@@ -159,15 +161,17 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
             run.learner = replayed
             return run
         except LearnerDied as died:
-            if replayed["restarts"] >= cfg.train.max_learner_restarts:
-                raise RuntimeError(f"the learner died again after {replayed['restarts']} restarts "
-                                   f"(train.max_learner_restarts): {died}") from None
             for pool in actors.pools.values():  # scores of the abandoned groups must not meet their regenerated ids
                 pool.drain()
-            actors.restart_learner()
-            chaos.learners = list(actors.learners.ranks)
             resume_from = latest_checkpoint(run_dir)
             back_to = (resume_from.state["step"], resume_from.state["next_group"]) if resume_from else (0, 0)
+            in_a_row = in_a_row + 1 if back_to[0] <= last_back else 1
+            last_back = back_to[0]
+            if in_a_row > cfg.train.max_learner_restarts:
+                raise RuntimeError(f"the learner died {in_a_row} times without the run reaching a new checkpoint "
+                                   f"(train.max_learner_restarts={cfg.train.max_learner_restarts}): {died}") from None
+            actors.restart_learner()
+            chaos.learners = list(actors.learners.ranks)
             replayed["restarts"] += 1
             replayed["steps_replayed"] += died.run.step - back_to[0]
             replayed["groups_replayed"] += died.run.next_group - back_to[1]
