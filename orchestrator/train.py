@@ -154,10 +154,11 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     replayed = {"restarts": 0, "steps_replayed": 0, "groups_replayed": 0}
     chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller, learners=actors.learners.ranks)
     in_a_row, last_back = 0, -1  # restarts since the run last reached a new checkpoint
+    started = time.perf_counter()  # this process's wall clock goes on across learner restarts
     while True:
         try:
             run = _train_steps(cfg, run_dir, actors, prompts, primary, taus, resume_from, progress, stop, replayed,
-                               chaos)
+                               chaos, started)
             run.learner = replayed
             return run
         except LearnerDied as died:
@@ -180,8 +181,9 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
 
 def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str], primary: str,
                  taus: dict[str, float], resume_from: Checkpoint | None, progress: bool,
-                 stop: threading.Event | None, replayed: dict[str, int], chaos: ChaosMonkey) -> Run:
+                 stop: threading.Event | None, replayed: dict[str, int], chaos: ChaosMonkey, started: float) -> Run:
     run = Run(cfg, run_dir, actors, prompts, primary, taus)
+    run.started = started
     if resume_from is not None:
         run.restore(resume_from)
     elif cfg.train.deterministic:
