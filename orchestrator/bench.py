@@ -33,7 +33,7 @@ from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
 
 SIM_COLUMNS = ["rollout_actors", "bound_groups_per_s", "groups_per_s", "efficiency", "util_rollout", "util_reward",
-               "util_learner", "stale_drops", "balanced", "seconds"]
+               "util_learner", "stale_drops", "driver_ms_per_group", "balanced", "seconds"]
 SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
 SCALE_COLUMNS = ["reward_replicas", "first_step", "last_step", "measured_from_step", "reward_groups_per_s"]
 REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
@@ -56,10 +56,11 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
 
     def mark() -> dict:
         up = not starting or len(ray.wait(starting, num_returns=len(starting), timeout=0)[0]) == len(starting)
-        return {"t": time.perf_counter(), "scored": pool.counters.scored if pool else 0, "busy": pipe.rollout_busy_s,
+        return {"t": time.perf_counter(), "cpu": time.process_time(),  # the driver's own CPU seconds
+                "scored": pool.counters.scored if pool else 0, "busy": pipe.rollout_busy_s,
                 "replicas": pool.size if pool else 0, "replicas_up": up}
 
-    pipe.publish(0, learner.weights.remote())
+    pipe.publish_from(learner, 0)
     marks = [mark()]
     for step in range(steps):
         if control is not None:
@@ -140,7 +141,10 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
         "util_rollout": (marks[end]["busy"] - marks[w]["busy"]) / (n_rollout * window),
         "util_reward": (marks[end]["scored"] - marks[w]["scored"]) * reward_s / replica_seconds,
         "util_learner": (end - w) * learner_s / window,
-        "stale_drops": balance.get("dropped_stale", 0), "balanced": held_balance["balanced"] and balance["balanced"],
+        "stale_drops": balance.get("dropped_stale", 0),
+        # the driver process's CPU time (every thread: Ray's own included) per consumed group, in the window
+        "driver_ms_per_group": 1000 * (marks[end]["cpu"] - marks[w]["cpu"]) / ((end - w) * groups_per_step),
+        "balanced": held_balance["balanced"] and balance["balanced"],
         "seconds": round(marks[end]["t"] - marks[0]["t"], 2),
     }
     per_step = [{"step": i - 1, "seconds": marks[i]["t"] - marks[i - 1]["t"], "reward_replicas": marks[i]["replicas"],

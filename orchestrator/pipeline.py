@@ -268,8 +268,11 @@ class Pipeline:
             self._retry_rollout(group)
             return
         if meta["version"] < 0 or meta["version"] < group.version:
-            # a restarted actor ran before its weights came back, or one missed a broadcast version: either way
-            # not a sample of the policy the group was launched for
+            # a restarted actor ran before its weights came back, or one missed a version: either way not a sample
+            # of the policy the group was launched for. Missed because the learner died making that version? Then
+            # its error ends the pipeline here (the run restarts the learner), instead of re-running forever.
+            if self.weights is not None and self.weights[1] is not None and ray.wait([self.weights[1]], timeout=0)[0]:
+                ray.get(self.weights[1])
             self._retry_rollout(group)
             return
         self.ledger.produce(group.gid)

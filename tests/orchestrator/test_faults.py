@@ -115,7 +115,7 @@ def test_a_learner_group_killed_mid_run_restarts_from_its_checkpoint(tmp_path, r
     (victims: rollout-0, rollout-1, the oracle replica, learner ranks 0 and 1), so the first kill takes the learner."""
     cfg = tiny_config(tmp_path, "train.steps=10", "chaos.kill_every_s=2", "chaos.roles=[learner, rollout, reward]",
                       "chaos.seed=0", "train.checkpoint_every=2", "ray.learner_workers=2", "learner.parallel=fsdp2",
-                      "ray.learner_cpus=0.2")
+                      "ray.learner_cpus=0.2", "train.max_learner_restarts=100")  # (the crash-loop guard: below)
     summary = run_training(cfg, tmp_path / "run", progress=False)
     m = read_metrics(tmp_path / "run")
     assert m["chaos/kills"][-1] >= 1 and summary["learner"]["restarts"] >= 1, summary["learner"]
