@@ -271,8 +271,7 @@ class Pipeline:
             # a restarted actor ran before its weights came back, or one missed a version: either way not a sample
             # of the policy the group was launched for. Missed because the learner died making that version? Then
             # its error ends the pipeline here (the run restarts the learner), instead of re-running forever.
-            if self.weights is not None and self.weights[1] is not None and ray.wait([self.weights[1]], timeout=0)[0]:
-                ray.get(self.weights[1])
+            self._raise_if_learner_died()
             self._retry_rollout(group)
             return
         self.ledger.produce(group.gid)
@@ -282,6 +281,21 @@ class Pipeline:
         self.scoring[group.gid] = group
         for pool in self.pools.values():
             pool.submit(group.gid, group.batch_ref)
+
+    def _raise_if_learner_died(self) -> None:
+        """Raise the learner's error when the current version's publication failed because the learner died."""
+        ref = self.weights[1] if self.weights else None
+        if ref is None and self.sync is not None:
+            ref = self.sync.stats_ref
+        if ref is None or not ray.wait([ref], timeout=0)[0]:
+            return
+        try:
+            ray.get(ref)
+        except RayActorError:
+            raise
+        except ray.exceptions.RayError:
+            if self.sync is None:  # the object-store gather failed: a rank died inside it
+                raise
 
     def _retry_rollout(self, group: Group) -> None:
         self.ledger.retried += 1
