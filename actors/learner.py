@@ -101,11 +101,10 @@ class LearnerActor:
     def broadcast_weights(self, version: int, keep: int, bucket_bytes: int) -> dict[str, float]:
         """Publish `version` (the current weights) over the broadcast group: whole tensors are gathered now (a
         collective with fsdp2) and sent from a background thread, so the next step need not wait for the rollout
-        actors to take them. Keeps the last `keep` versions for `weights_of`. -> {"bytes", "seconds"} of the gather."""
+        actors to take them. Keeps the last `keep` versions for `weights_of`. -> the version's bytes and buckets, the
+        gather's seconds and the last finished send's."""
         start = time.perf_counter()
-        others = self._on_peers("weights", collective=self.ranks.sharded)
-        state = self.learner.weights()
-        ray.get(others)
+        state = self.weights()
         self.sent = {v: w for v, w in self.sent.items() if v > version - keep} | {version: state}
         gathered = time.perf_counter() - start
         if self.sync is None:  # a send failed (a rollout actor died): the orchestrator opens a new group
