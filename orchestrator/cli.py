@@ -618,10 +618,12 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty() and not isinstance(sys.stderr, _ProgressLines):
         os.environ.setdefault("TQDM_MININTERVAL", "30")
         sys.stderr = _ProgressLines(sys.stderr)
+    from orchestrator.train import LearnerCrashLoop
+
     try:
         args.func(args)
     # ConnectionError: a reward service (`kind: http`) that did not answer within its retries
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ConnectionError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ConnectionError, LearnerCrashLoop) as e:
         if os.environ.get("VIDEORL_DEBUG"):
             raise
         print(f"videorl: error: {e}", file=sys.stderr)

@@ -132,6 +132,10 @@ def batch_means(batch: list[Group]) -> dict[str, float]:
     return {n: float(np.mean(np.concatenate([g.rewards[n] for g in batch]))) for n in names}
 
 
+class LearnerCrashLoop(RuntimeError):
+    """The learner keeps dying without the run getting anywhere (train.max_learner_restarts)."""
+
+
 class LearnerDied(Exception):
     """A rank of the learner group died (or hangs in a collective with a dead one); `run` is where the run was."""
 
@@ -169,7 +173,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
             in_a_row = in_a_row + 1 if back_to[0] <= last_back else 1
             last_back = back_to[0]
             if in_a_row > cfg.train.max_learner_restarts:
-                raise RuntimeError(f"the learner died {in_a_row} times without the run reaching a new checkpoint "
+                raise LearnerCrashLoop(f"the learner died {in_a_row} times without the run reaching a new checkpoint "
                                    f"(train.max_learner_restarts={cfg.train.max_learner_restarts}): {died}") from None
             actors.restart_learner()
             chaos.learners = list(actors.learners.ranks)
