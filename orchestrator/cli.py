@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 
+from actors.failures import LearnerCrashLoop
 from orchestrator.config import ConfigError, load_config
 
 
@@ -618,8 +619,6 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty() and not isinstance(sys.stderr, _ProgressLines):
         os.environ.setdefault("TQDM_MININTERVAL", "30")
         sys.stderr = _ProgressLines(sys.stderr)
-    from orchestrator.train import LearnerCrashLoop
-
     try:
         args.func(args)
     # ConnectionError: a reward service (`kind: http`) that did not answer within its retries

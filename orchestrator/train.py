@@ -36,6 +36,7 @@ import yaml
 from tqdm import tqdm
 
 from orchestrator.autoscale import restore_scaling, scale_step, scaling_state
+from actors.failures import LearnerCrashLoop
 from orchestrator.chaos import ChaosMonkey
 from orchestrator.checkpoint import (Checkpoint, latest_checkpoint, restore_rng, rng_state, save_checkpoint,
                                      seed_global_rngs)
@@ -130,10 +131,6 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
 def batch_means(batch: list[Group]) -> dict[str, float]:
     names = batch[0].rewards.keys()
     return {n: float(np.mean(np.concatenate([g.rewards[n] for g in batch]))) for n in names}
-
-
-class LearnerCrashLoop(RuntimeError):
-    """The learner keeps dying without the run getting anywhere (train.max_learner_restarts)."""
 
 
 class LearnerDied(Exception):
