@@ -184,3 +184,16 @@ def test_top_level_seed_sets_every_section_seed_the_config_leaves_unset():
 ])
 def test_weights_sync_auto_broadcasts_full_weights_between_gpus(overrides, sync):
     assert load_config(None, overrides).weight_sync() == sync
+
+
+def test_weights_settings_reach_the_broadcast_group():
+    """weights.bucket_mb / timeout_s and the staleness window shape the run's BroadcastSync (the object store: none)."""
+    from types import SimpleNamespace
+
+    from orchestrator.train import _weight_sync
+
+    cfg = load_config(None, ["weights.sync=broadcast", "weights.bucket_mb=2", "weights.timeout_s=7",
+                             "train.max_staleness=3"])
+    sync = _weight_sync(cfg, SimpleNamespace(learner=None))
+    assert (sync.bucket_bytes, sync.timeout_s, sync.keep) == (2 << 20, 7.0, 5)
+    assert _weight_sync(load_config(None, []), SimpleNamespace(learner=None)) is None
