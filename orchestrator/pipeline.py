@@ -127,8 +127,7 @@ class BroadcastSync:
     def publish(self, version: int, workers: list) -> bool:
         """Broadcast `version`; False when no group could be made (an actor still restarting): the caller publishes
         this version through the object store, and the next one tries a group again."""
-        failed = self._failed([self.stats_ref] if self.stats_ref is not None else []) or self._failed(self.receives)
-        if self.broken or failed:  # a member left (an actor restarted, or a send failed): a new group first
+        if self.broken or self._failed([r for r in (self.stats_ref, *self.receives) if r is not None]):  # a member left (an actor restarted, or a send failed): a new group first
             try:
                 self.open(workers)
             except ray.exceptions.RayError:
@@ -267,7 +266,7 @@ class Pipeline:
         except RayActorError:
             self._retry_rollout(group)
             return
-        if meta["version"] < 0 or meta["version"] < group.version:
+        if meta["version"] < max(group.version, 0):
             # a restarted actor ran before its weights came back, or one missed a version: either way not a sample
             # of the policy the group was launched for. Missed because the learner died making that version? Then
             # its error ends the pipeline here (the run restarts the learner), instead of re-running forever.
