@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
+from ray._private.utils import get_dashboard_dependency_error
 
 from actors.control import NAMESPACE, control_actor
 from actors.controller import controller_actor
@@ -20,18 +21,30 @@ from orchestrator.config import Config, guidance_source
 from orchestrator.reward_pool import RewardPool
 from policy.backend import video_shape
 from policy.learner import check_rewards
+from policy.rollout import payload_options
 
 
 def connect(cfg: Config, address: str | None = None) -> None:
-    """Join the cluster at --address / ray.address / $RAY_ADDRESS, or start a local one."""
+    """Join the cluster at --address / ray.address / $RAY_ADDRESS, or start a local one; a local one runs the Ray
+    dashboard on 127.0.0.1 when ray[default] is installed, and its URL is printed once."""
     if ray.is_initialized():
         return
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        return
+    missing = get_dashboard_dependency_error()  # the check Ray itself makes: a minimal install has no dashboard
+    ctx = ray.init(address="local", num_cpus=cfg.ray.num_cpus, namespace=NAMESPACE, include_dashboard=missing is None,
+                   dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False)
+    print(dashboard_line(ctx.dashboard_url, ctx.address_info["metrics_export_port"], missing), flush=True)
+
+
+def dashboard_line(url: str | None, metrics_port: int, missing: ImportError | None) -> str:
+    """What a local run says about its dashboard and its Prometheus endpoint (README "Watching a run")."""
+    metrics = f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics"
+    if url:
+        return f"Ray dashboard: http://{url}  ({metrics})"
+    return f"Ray dashboard: off, pip install 'ray[default]' for it ({missing})  ({metrics})"
 
 
 @dataclass
@@ -99,7 +112,8 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
     table = None if base.prompt_table is None else [ray.put(base.prompt_table)]  # one copy in the store for all actors
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
                           shared_prefix=r.shared_prefix, dtype=r.dtype, prompt_table=table, frames=r.frames,
-                          guidance=guidance_kwargs(cfg, reward_checkpoints), extras=tuple(r.extras))
+                          guidance=guidance_kwargs(cfg, reward_checkpoints), extras=tuple(r.extras),
+                          **payload_options(cfg))
     rollouts = [rollout_actor(i, cfg.model, base_path, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
                               num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
     pools, names = {}, {}
