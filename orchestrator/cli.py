@@ -18,6 +18,7 @@ from pathlib import Path
 
 from actors.failures import LearnerCrashLoop
 from orchestrator.config import ConfigError, load_config
+from orchestrator.progress import progress_interval, redraw_every
 
 
 def _config(args):
@@ -601,8 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _ProgressLines:
-    """stderr when it is not a terminal (a log file, `ray job logs`): each progress-bar redraw becomes its own line,
-    at most one every 30 s per bar (tqdm reads TQDM_MININTERVAL), instead of one long line of carriage returns."""
+    """stderr when it is not a terminal (a log file, `ray job logs`): each progress-bar redraw becomes its own line
+    (at most one every $VIDEORL_PROGRESS_S seconds per bar: orchestrator.progress), instead of one long line of
+    carriage returns."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -616,10 +618,10 @@ class _ProgressLines:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not sys.stderr.isatty() and not isinstance(sys.stderr, _ProgressLines):
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
-        sys.stderr = _ProgressLines(sys.stderr)
     try:
+        if not sys.stderr.isatty() and not isinstance(sys.stderr, _ProgressLines):
+            redraw_every(progress_interval())
+            sys.stderr = _ProgressLines(sys.stderr)
         args.func(args)
     # ConnectionError: a reward service (`kind: http`) that did not answer within its retries
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ConnectionError, LearnerCrashLoop) as e:
