@@ -96,6 +96,9 @@ class RolloutConfig(Section):
     # extra per-clip fields the rollout adds to every reward batch (`rewards.audio_sync.EXTRAS`): "beat", a per-frame
     # beat track from the prompt's speed, which the audio-sync scorer reads
     extras: list[Literal["beat"]] = Field(default_factory=list)
+    # how rollout latents travel to the learner (policy.rollout.trajectory_payload); the learner casts them back to
+    # float32 before any maths. float32: as sampled (no rounding); float16 / bfloat16 halve their bytes
+    payload_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
     def _prefix_needs_causal(self):

@@ -109,6 +109,12 @@ class LearnerConfig(BaseModel):
                 or (self.loss == "ppo" and self.kl == "fixed"))
 
     @property
+    def reads_steps(self) -> bool:
+        """Whether the learner reads the sampler's intermediate latents and log-probs (ppo re-scores recorded steps);
+        the forward-process losses read the clean clip only, so rollouts store nothing else (`trajectory_payload`)."""
+        return self.loss == "ppo"
+
+    @property
     def has_kl(self) -> bool:
         return (self.loss == "nft" and self.nft_kl > 0) or (self.loss == "ppo" and self.kl != "none")
 
@@ -266,6 +272,9 @@ class Learner:
     def _ppo(self, g: ScoredGroup, adv: torch.Tensor,
              kl_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         traj, cfg = g.traj, self.cfg
+        if traj.latents.shape[1] != traj.sigmas.shape[0]:
+            raise ValueError(f"group {g.group_id}: learner.loss=ppo re-scores sampler steps, but its rollout stored only "
+                             "the clean clip (a rollout worker made with keep_steps=False, for a forward-process loss)")
         n_steps = traj.log_probs.shape[2]
         k_count = max(1, round(cfg.step_fraction * n_steps))
         ks = sorted(torch.randperm(n_steps, generator=self.generator)[:k_count].tolist())

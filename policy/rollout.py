@@ -11,11 +11,16 @@ chunks and the G candidates generate exactly one training clip (model frames) af
 score that last clip window (the length they were trained on); the learner trains its chunks, history detached.
 
 Reward guidance (VideoAlign): `RewardGuide` steers every sampler step with a differentiable VideoReward model.
+
+The payload holds only what the learner reads (`trajectory_payload`): the clean clip alone for the forward-process
+losses (nft, flow_dpo, flow_rwr, sft), every sampler level for ppo (it draws the steps it re-scores per update, so any
+may be read), log-probs of the trained chunks only; latents in `payload_dtype` (float16 / bfloat16 halve them; the learner casts back to float32 before any maths).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -24,17 +29,24 @@ from torch import Tensor
 from policy.backend import load_policy
 from policy.sampling import Guide, Trajectory, guided_velocity, sample
 
+PAYLOAD_DTYPES = ("float32", "float16", "bfloat16")
+
 
 class RolloutWorker:
     """model_cfg: the run's `model` section (any backend); base: the base weights `load_policy` reads (the learner
     then publishes `trainable_state()` versions: full weights, or only a LoRA adapter on top of this base).
     dtype: the rollout's own model dtype (None = model_cfg's); prompt_table: precomputed text-encoder states.
     frames: streaming long tuning, the longest rollout in latent frames (None: one training clip).
-    guidance: {"checkpoint", "dim", "weight", "beta"} of a VideoReward model steering the sampler (None: unguided)."""
+    guidance: {"checkpoint", "dim", "weight", "beta"} of a VideoReward model steering the sampler (None: unguided).
+    keep_steps: the payload holds every sampler level and the trained chunks' log-probs (`LearnerConfig.reads_steps`:
+    ppo); False: the clean clip only. payload_dtype: how latents are stored (`trajectory_payload`)."""
 
     def __init__(self, model_cfg, base: str | None, *, mode: str, sampler: str, eta: float, steps: int, shift: float,
                  group_size: int, shared_prefix: bool = True, dtype: str | None = None, prompt_table=None,
-                 frames: int | None = None, guidance: dict | None = None, extras: tuple[str, ...] = ()):
+                 frames: int | None = None, guidance: dict | None = None, extras: tuple[str, ...] = (),
+                 keep_steps: bool = True, payload_dtype: str = "float32"):
+        if payload_dtype not in PAYLOAD_DTYPES:
+            raise ValueError(f"rollout.payload_dtype must be one of {list(PAYLOAD_DTYPES)}, got {payload_dtype!r}")
         if dtype is not None and dtype != model_cfg.dtype:
             model_cfg = model_cfg.model_copy(update={"dtype": dtype})
         self.policy = load_policy(model_cfg, base, prompt_table=prompt_table).eval()  # sampling runs under no_grad
@@ -48,6 +60,7 @@ class RolloutWorker:
         self.extras = tuple(extras)  # extra reward-batch fields (`rewards.audio_sync.EXTRAS`), e.g. "beat"
         self.guide = None if guidance is None else RewardGuide.from_checkpoint(
             guidance["checkpoint"], guidance["dim"], guidance["weight"], guidance["beta"], device=self.policy.device)
+        self.keep_steps, self.payload_dtype = keep_steps, payload_dtype
         self.version = -1
 
     def set_weights(self, version: int, weights: dict) -> int:
@@ -59,10 +72,13 @@ class RolloutWorker:
         """One group -> (reward batch, trajectory payload, metadata), ready for the object store.
 
         reward batch: {"ids": [G], "videos": uint8 [G, T', H', W', 3] (decoded), "prompts": [G], the `extras` [G, T']};
-        trajectory: latents float32 [G, K+1, T, C, H, W], log_probs [G, n_chunks, K], sigmas [K+1], cond (the prompt's
-        conditioning [1, ...], so the learner needs no text encoder), prefix_chunks, mode, sde_type, eta, version,
-        group_id, prompt. T is the clip's frames, or with streaming prefix_chunks * chunk + the clip's frames (the
-        whole video, history included: the learner needs it as context); the reward batch is always the last clip.
+        trajectory: `trajectory_payload`'s arrays (latents, log-probs, sigmas: what the learner reads), cond (the
+        prompt's conditioning [1, ...], so the learner needs no text encoder), prefix_chunks, mode, sde_type, eta,
+        version, group_id, prompt; `trajectory_from_payload` rebuilds the Trajectory. T is the clip's frames, or with
+        streaming prefix_chunks * chunk + the clip's frames (the whole video, history included: the learner needs it
+        as context); the reward batch is always the last clip.
+        metadata: group_id, version, prefix_chunks, seconds, and batch_bytes / payload_bytes (`buffer_bytes`: what
+        the two objects put in the object store).
         """
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
@@ -88,12 +104,11 @@ class RolloutWorker:
             batch.update(batch_extras(self.extras, batch["prompts"], batch["videos"].shape[1]))
         payload = {
             "group_id": group_id, "prompt": prompt, "version": self.version, "cond": cond.cpu(),
-            "latents": traj.latents.cpu().numpy(), "log_probs": traj.log_probs.cpu().numpy(),
-            "sigmas": traj.sigmas.numpy(), "prefix_chunks": prefix, "mode": traj.mode, "sde_type": traj.sde_type,
-            "eta": traj.eta,
+            **trajectory_payload(traj, keep_steps=self.keep_steps, dtype=self.payload_dtype),
         }
         meta = {"group_id": group_id, "version": self.version, "prefix_chunks": prefix,
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "batch_bytes": buffer_bytes(batch),
+                "payload_bytes": buffer_bytes(payload)}
         return batch, payload, meta
 
 
@@ -144,11 +159,92 @@ class RewardGuide:
         return guide
 
 
+def payload_options(cfg) -> dict:
+    """The RolloutWorker arguments a run's config (orchestrator.config.Config) sets for its payloads: keep the sampler
+    steps when the learner reads them (learner.loss), store in rollout.payload_dtype."""
+    return {"keep_steps": cfg.learner.reads_steps, "payload_dtype": cfg.rollout.payload_dtype}
+
+
+def buffer_bytes(obj) -> int:
+    """Bytes of the numpy / torch buffers in a nested dict / list / tuple (what an object puts in the object store
+    beyond its small pickled scalars and strings)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(buffer_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(buffer_bytes(v) for v in obj)
+    return 0
+
+
+def store_array(t: Tensor, dtype: str) -> np.ndarray:
+    """A CPU numpy array of t for the payload: float32 keeps the sampler's dtype (float32, or float64 in float64
+    checks); float16 rounds to it; bfloat16 is kept as its uint16 bit pattern, because numpy has no bfloat16 and a
+    numpy array (unlike a pickled torch tensor) is stored out of band and read zero-copy by Ray."""
+    t = t.detach().cpu().contiguous()  # a contiguous array goes to the object store out of band (no pickled copy)
+    if dtype == "float32":
+        return t.numpy()
+    if dtype == "float16":
+        return t.to(torch.float16).numpy()
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    raise ValueError(f"rollout.payload_dtype must be one of {list(PAYLOAD_DTYPES)}, got {dtype!r}")
+
+
+def load_array(a: np.ndarray, dtype: str, device: torch.device | str = "cpu") -> Tensor:
+    """Inverse of `store_array`, cast to float32 (float64 stays float64) on `device`. Zero-copy where nothing changes:
+    a float32 array read on the CPU is the object store's (read-only) buffer itself."""
+    with warnings.catch_warnings():  # read-only: the learner never writes a payload tensor in place
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(a.view(np.int16) if dtype == "bfloat16" else a)
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.to(device=device, dtype=torch.promote_types(t.dtype, torch.float32))
+
+
+def trajectory_payload(traj: Trajectory, *, keep_steps: bool, dtype: str) -> dict:
+    """The arrays of one group's Trajectory the learner reads, for the object store.
+
+    keep_steps: all K+1 sigma levels ("levels" = 0..K) and the log-probs of the chunks after the prefix
+    [G, n_chunks - prefix_chunks, K] (ppo draws which steps it re-scores at every update, so any level may be read;
+    the prefix chunks' are never read); False: the clean clip alone ("levels" = [K]: nft, flow_dpo, flow_rwr and sft
+    read x0 only) and no log-probs. latents [G, L, T, C, H, W] in `dtype` (`store_array`); log-probs stay as sampled:
+    they are < 0.1 % of the bytes, and PPO's ratio exp(new − old) is held to clip_range (1e-3), finer than a rounded
+    log-prob (bfloat16 turned a first, on-policy step's clip fraction from 0 to 0.56 on a test model). A shared
+    history stays in all G rows (one copy would save (G-1)/G of its frames, about a third of a tiny.yaml causal clip
+    on average, at the cost of the learner rebuilding the rows).
+    """
+    k = traj.sigmas.shape[0] - 1
+    levels = list(range(k + 1)) if keep_steps else [k]
+    lat = traj.latents if keep_steps else traj.latents[:, k:]
+    n_chunks = traj.log_probs.shape[1]
+    return {
+        "latents": store_array(lat, dtype),
+        "log_probs": store_array(traj.log_probs[:, traj.prefix_chunks :], "float32") if keep_steps else None,
+        "levels": levels, "n_chunks": n_chunks, "payload_dtype": dtype, "sigmas": traj.sigmas.numpy(),
+        "prefix_chunks": traj.prefix_chunks, "mode": traj.mode, "sde_type": traj.sde_type, "eta": traj.eta,
+    }
+
+
 def trajectory_from_payload(p: dict, device: torch.device | str = "cpu") -> Trajectory:
-    latents = torch.from_numpy(np.array(p["latents"])).to(device)  # copy: object-store arrays are read-only
+    """The learner's Trajectory from a `trajectory_payload` (float32 tensors on `device`, the object store's arrays
+    read without copies where possible). latents [G, L, T, ...] hold the stored sigma levels p["levels"] (all K+1, or
+    only the clean clip); log-probs [G, n_chunks, K] with NaN for the prefix chunks (never read: a read would show),
+    or [G, n_chunks, 0] when the payload has none."""
+    dtype = p["payload_dtype"]
+    latents = load_array(p["latents"], dtype, device)
+    g = latents.shape[0]
+    k = p["sigmas"].shape[0] - 1
+    if p["log_probs"] is None:
+        log_probs = torch.zeros(g, p["n_chunks"], 0, device=latents.device, dtype=latents.dtype)
+    else:
+        trained = load_array(p["log_probs"], "float32", device)
+        prefix = torch.full((g, p["n_chunks"] - trained.shape[1], k), float("nan"), device=device, dtype=trained.dtype)
+        log_probs = torch.cat([prefix, trained], dim=1) if prefix.shape[1] else trained
     return Trajectory(
-        latents=latents, log_probs=torch.from_numpy(np.array(p["log_probs"])).to(device),
-        sigmas=torch.from_numpy(np.array(p["sigmas"])), videos=latents[:, -1],
-        prefix_chunks=int(p["prefix_chunks"]), group_size=latents.shape[0], mode=p["mode"],
+        latents=latents, log_probs=log_probs, sigmas=load_array(p["sigmas"], "float32"), videos=latents[:, -1],
+        prefix_chunks=int(p["prefix_chunks"]), group_size=g, mode=p["mode"],
         sde_type=p["sde_type"], eta=float(p["eta"]),
     )
