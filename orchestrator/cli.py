@@ -408,6 +408,19 @@ def cmd_bench_kvcache(args) -> None:
     print(f"\nwrote {path}")
 
 
+def cmd_bench_payload(args) -> None:
+    from orchestrator.payload_bench import COLUMNS, payload_bench
+    from orchestrator.tables import format_table, write_json
+
+    result = payload_bench(_config(args), seed=args.seed)
+    st = result["settings"]
+    print(f"bytes per group through the object store ({st['model']}, G={st['group_size']}, K={st['steps']} steps, "
+          f"latents {st['latent_shape']}, prefix {st['prefix_chunks']} chunks); this config: {st['this_config']}\n"
+          + format_table(result["rows"], COLUMNS))
+    path = write_json(result, Path(args.out) / "bench_payload.json")
+    print(f"\nwrote {path}")
+
+
 def cmd_bench_pipeline(args) -> None:
     from orchestrator import bench
     from orchestrator.cluster import connect
@@ -573,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(func=cmd_bench_kvcache)
+    p = bsub.add_parser("payload", help="bytes per group through the object store: reward batch and learner payload, "
+                                        "by field, before and after (loss family x rollout.payload_dtype)")
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--seed", type=int, default=0, help="the group's seed (its prefix length)")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench_payload)
     p = bsub.add_parser("pipeline", help="synchronous vs actor pipeline throughput; simulated-device efficiency")
     p.add_argument("--config")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")

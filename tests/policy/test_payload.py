@@ -134,3 +134,14 @@ def test_rollout_payload_dtype_is_validated_and_reaches_the_worker(base):
     (d0, l0, b0), (d1, l1, b1), (d2, l2, b2) = shapes.values()
     assert (d0, l0) == (np.float32, 1) and (d1, l1) == (np.uint16, 1) and (d2, l2) == (np.float32, STEPS + 1)
     assert b1 < b0 < b2  # tiny.yaml trains nft: the clean clip only; ppo keeps every level
+
+
+def test_the_payload_bench_reports_before_and_after_from_the_same_group():
+    from orchestrator.payload_bench import payload_bench
+
+    rows = payload_bench(load_config(None, ["rollout.group_size=2", "rollout.steps=2"]))["rows"]
+    before, after = rows[0], {(r["learner_reads"].startswith("every"), r["payload_dtype"]): r for r in rows[1:]}
+    assert before["latents"] == 2 * 3 * 8 * 3 * 16 * 16 * 4 and before["log_probs"] == 2 * 4 * 2 * 4  # [G, K+1, ...]
+    assert after[False, "float32"]["latents"] == before["latents"] // 3  # x0: one level of K+1
+    assert after[False, "bfloat16"]["latents"] == after[True, "float16"]["latents"] // 3 == before["latents"] // 6
+    assert all(r["batch_bytes"] == 2 * 8 * 16 * 16 * 3 for r in rows)  # the uint8 reward batch, once
