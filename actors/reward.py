@@ -48,7 +48,7 @@ class RewardWorker:
 
     def score_versioned(self, batch: dict) -> tuple[np.ndarray, str]:
         """`score` and the model version that gave these scores (an http service's may change between batches); the
-        pool calls it with num_returns=2."""
+        pool takes both in one object."""
         return self.score(batch), str(getattr(self.scorer, "version", ""))
 
     def ping(self) -> str:

@@ -18,10 +18,15 @@ class RolloutActor(RolloutWorker):
         table = ray.get(prompt_table[0]) if prompt_table else None
         super().__init__(*args, prompt_table=table, **kwargs)
 
-    def generate(self, group_id: str, prompt: str, seed: int) -> tuple[dict, dict, dict]:
-        """`RolloutWorker.generate`, with this process's global RNGs seeded from the group seed first: a group is a pure
-        function of (weights version, prompt, seed) even where some library draws from them, so a group re-run after a
-        restart or a resume comes out the same."""
+    def generate(self, group_id: str, prompt: str, seed: int, version: int | None = None,
+                 weights: list | None = None) -> tuple[dict, dict, dict]:
+        """`RolloutWorker.generate` on weights `version`: `weights` = [ObjectRef] of that version when this actor may
+        not hold it yet (nested, so Ray passes the reference and the actor fetches it only if it needs it). This
+        process's global RNGs are seeded from the group seed first: a group is a pure function of (weights version,
+        prompt, seed) even where some library draws from them, so a group re-run after a restart or a resume comes
+        out the same."""
+        if weights is not None and version != self.version:
+            self.set_weights(version, ray.get(weights[0]))
         seed_global_rngs(seed)
         return super().generate(group_id, prompt, seed)
 

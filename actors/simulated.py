@@ -26,21 +26,31 @@ class SimulatedRollout:
         if rollout_s < 0 or group_size < 1:
             raise ValueError(f"need rollout_s >= 0 and group_size >= 1, got {rollout_s}, {group_size}")
         self.rollout_s, self.group_size, self.version = rollout_s, group_size, -1
+        self.generated = self.weight_loads = 0
 
     def set_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
         self.version = version
+        self.weight_loads += 1
         return version
 
-    def generate(self, group_id: str, prompt: str, seed: int) -> tuple[dict, dict, dict]:
-        """(reward batch, trajectory payload, metadata), shaped like policy.rollout.RolloutWorker.generate's."""
+    def generate(self, group_id: str, prompt: str, seed: int, version: int | None = None,
+                 weights: list | None = None) -> tuple[dict, dict, dict]:
+        """(reward batch, trajectory payload, metadata), shaped like actors.rollout.RolloutActor.generate's."""
         start = time.perf_counter()
+        if weights is not None and version != self.version:
+            self.set_weights(version, ray.get(weights[0]))
         time.sleep(self.rollout_s)
         g = self.group_size
         batch = {"ids": [f"{group_id}/{j}" for j in range(g)], "videos": np.zeros((g, 1, 2, 2, 3), np.uint8),
                  "prompts": [prompt] * g}
         payload = {"group_id": group_id, "prompt": prompt, "version": self.version, "latents": np.zeros((g, 4), np.float32)}
         meta = {"group_id": group_id, "version": self.version, "prefix_chunks": 0, "seconds": time.perf_counter() - start}
+        self.generated += 1
         return batch, payload, meta
+
+    def stats(self) -> dict[str, int]:
+        """{"generated": groups made, "weight_loads": versions taken} by this actor."""
+        return {"generated": self.generated, "weight_loads": self.weight_loads}
 
     def ping(self) -> int:
         return self.version

@@ -108,8 +108,10 @@ def metric_columns(cfg: Config) -> set[str]:
     each one is in a real run's file."""
     pools = list(cfg.rewards.models)
     cols = {"step", "grad_norm", "adv_abs", "loss/policy", "weights/bytes_per_version", "staleness/mean",
-            "staleness/max", "throughput/samples_per_s", "throughput/total_samples_per_s", "idle/learner",
-            "idle/rollout", "queue/rollout", "queue/reward", "queue/ready", "chaos/kills",
+            "staleness/max", "throughput/samples_per_s", "throughput/total_samples_per_s",
+            *(f"idle/{stage}_{wait}" for stage in ("rollout", "learner", *(f"reward_{p}" for p in pools))
+              for wait in ("input", "output")),
+            "payload/bytes_per_group", "queue/rollout", "queue/reward", "queue/ready", "chaos/kills",
             *(f"reward/{r}" for r in reward_names(cfg)),
             *(f"{k}/{c}" for c in _profile_constraints(cfg) for k in ("lambda", "tau")),
             *(f"ledger/{k}" for k in LEDGER_COUNTS),

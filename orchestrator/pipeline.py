@@ -23,10 +23,28 @@ Guarantees:
   step), and the oldest group's rollout and rewards are awaited before the next one is looked at, so which groups
   a batch holds and their versions never depend on timing (with one rollout actor, whose calls run in order).
 The driver only ever holds references and small metadata; payloads stay in the object store.
+
+Scheduling at scale (64+ rollout actors on one driver):
+- the driver's work per group is O(1): finished calls arrive through completion queues (`Completions`, one wake-up
+  for all stages), free rollout slots are a queue, the ready groups a heap; nothing scans all groups per event;
+- weights travel with the work: `generate(..., version, [weights])` names the version the group is launched on and
+  carries its reference only when the actor may not hold it yet, instead of one `set_weights` call to every actor per
+  version. An idle actor takes the newest weights with its next group, a busy one never queues a version it will not
+  use, and a re-queued group on an older version needs no extra calls;
+- a rollout goes to the actor slot freed longest ago (`per_worker` slots per actor, all first slots before any
+  second one): with one slot per actor that is an idle actor, the one that will finish it first. A second slot hides
+  the driver's reaction time when rollouts are short, at the price of groups that wait behind another one (older
+  weights by the time they are trained: stale drops) -- the default is one;
+- the learner takes the oldest weights version first among what is ready (`(version, id)` order), so a group that
+  finished late is trained before it turns stale, instead of being dropped behind younger ones;
+- idle time is accounted for every stage (`idle()`): waiting for input vs blocked on output (StreamRL's pipeline
+  vs skew bubbles), rollout blocked meaning the staleness capacity holds it back.
 """
 
 from __future__ import annotations
 
+import heapq
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,6 +55,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.failures import InfraError
+from orchestrator.completions import Completions, Occupancy, idle_split
 from orchestrator.ledger import Ledger
 from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
@@ -76,9 +95,12 @@ class PromptCursor:
 
     def __init__(self, prompts: list[str], seed: int, epoch: int = 0, index: int = 0):
         self.prompts, self.seed, self.epoch, self.index = list(prompts), seed, epoch, index
+        self._orders: tuple[int, np.ndarray] | None = None  # (epoch, its order): drawn once per pass
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+        if self._orders is None or self._orders[0] != self.epoch:
+            self._orders = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts)))
+        return self._orders[1]
 
     def next(self) -> str:
         if self.index == len(self.prompts):
@@ -159,22 +181,24 @@ class BroadcastSync:
 class Pipeline:
     def __init__(self, workers: list, pools: dict[str, RewardPool], reward_names: dict[str, list[str]],
                  prompts: PromptCursor, staleness: StalenessManager, ledger: Ledger, seed: int,
-                 next_group: int = 0, per_worker: int = 2, group_size: int = 1, dynamic_grouping=None,
+                 next_group: int = 0, per_worker: int = 1, group_size: int = 1, dynamic_grouping=None,
                  signal_rewards: Sequence[str] = (), fail_after: dict[str, int] | None = None,
                  describe: dict[str, str] | None = None, in_order: bool = False, sync: BroadcastSync | None = None):
-        """dynamic_grouping: `rollout.dynamic_grouping` (min_std, max_resamples) or None; signal_rewards: the reward
-        names whose spread counts as signal (the learner's channels); fail_after: {pool: N}, end the run after N
-        groups in a row dropped for infrastructure errors of that pool (absent: never); describe: {pool: how errors
-        name it}, e.g. its URL; in_order: `train.deterministic` (see the module docstring; per_worker is then no
-        bound, the staleness capacity is); sync: weights.sync=broadcast (None: every version through the object
-        store)."""
+        """per_worker: rollouts queued per actor (see the module docstring); dynamic_grouping: `rollout.dynamic_grouping`
+        (min_std, max_resamples) or None; signal_rewards: the reward names whose spread counts as signal (the learner's
+        channels); fail_after: {pool: N}, end the run after N groups in a row dropped for infrastructure errors of that
+        pool (absent: never); describe: {pool: how errors name it}, e.g. its URL; in_order: `train.deterministic` (see
+        the module docstring; per_worker is then no bound, the staleness capacity is); sync: weights.sync=broadcast
+        (None: every version through the object store)."""
+        if per_worker < 1:
+            raise ValueError(f"per_worker must be >= 1, got {per_worker}")
         self.workers, self.pools, self.reward_names = workers, pools, reward_names
         self.sync = sync
         self.prompts, self.staleness, self.ledger = prompts, staleness, ledger
         self.seed, self.next_group, self.per_worker, self.group_size = seed, next_group, per_worker, group_size
         self.rolling: dict[ray.ObjectRef, Group] = {}  # meta ref -> group being generated
         self.scoring: dict[str, Group] = {}
-        self.ready: deque[Group] = deque()
+        self.ready: list[tuple[tuple, Group]] = []  # heap: oldest weights version first (gid order in order)
         self.weights: tuple[int, ray.ObjectRef | None] | None = None
         # version -> weights, while a group in flight was launched on it (None: broadcast, fetched when needed)
         self.published: dict[int, ray.ObjectRef | None] = {}
@@ -184,6 +208,17 @@ class Pipeline:
         self.resample: deque[tuple[str, int]] = deque()  # (prompt, re-samples so far), started before new prompts
         self.fail_after, self.describe = dict(fail_after or {}), dict(describe or {})
         self.failing = dict.fromkeys(pools, 0)  # groups in a row each pool gave up on
+        # scheduling: rollout slots freed longest ago first; the version each actor will hold after its queued calls
+        self.load = [0] * len(workers)
+        self.free: deque[int] = deque(w for _ in range(per_worker) for w in range(len(workers)))
+        self.worker_version = [None] * len(workers)  # None: unknown (new or restarted actor)
+        self.done = Completions()  # rollouts; every reward pool wakes the same event
+        for pool in pools.values():
+            pool.done.wake = self.done.wake
+        self.rollout_clock = Occupancy(units=len(workers))
+        self.learner_clock = Occupancy(units=1)  # busy: an update in flight; "output": the step is being handed on
+        self.finished: dict[ray.ObjectRef, object] = {}  # in order: rollouts finished, handled in group order
+        self.bytes = {"batch": 0, "payload": 0, "groups": 0}  # object-store bytes of the groups produced
 
     # -- weights ---------------------------------------------------------------------------
     def publish_from(self, learner, version: int) -> None:
@@ -194,13 +229,13 @@ class Pipeline:
             return
         if self.sync.publish(version, self.workers):  # (a new group first when a member left)
             self._published(version, None)
+            self.worker_version = [version] * len(self.workers)  # each takes it in order with its generate calls
         else:
             self.publish(version, learner.weights.remote())
 
     def publish(self, version: int, weights_ref: ray.ObjectRef) -> None:
-        """Send version `version` to every rollout actor (one object in the store, fetched by ref)."""
-        for w in self.workers:
-            w.set_weights.remote(version, weights_ref)
+        """Make version `version` the one new rollouts run on (one object in the store; each actor fetches it by
+        reference with its first group on it)."""
         self._published(version, weights_ref)
 
     def _published(self, version: int, weights_ref: ray.ObjectRef | None) -> None:
@@ -218,15 +253,11 @@ class Pipeline:
 
     # -- the three stages ------------------------------------------------------------------
     def worker_loads(self) -> list[int]:
-        load = [0] * len(self.workers)
-        for g in self.rolling.values():
-            load[g.worker] += 1
-        return load
+        return list(self.load)
 
     def _start_rollouts(self, learner_version: int) -> None:
-        load = self.worker_loads()
         budget = self.staleness.capacity(learner_version)
-        while budget > 0 and (self.in_order or min(load) < self.per_worker):
+        while budget > 0 and (self.in_order or self.free):
             gid = f"g{self.next_group:06d}"
             prompt, resamples = self.resample.popleft() if self.resample else (self.prompts.next(), 0)
             group = Group(gid, prompt, seed=self.seed * 1_000_003 + self.next_group, resamples=resamples,
@@ -234,35 +265,40 @@ class Pipeline:
             self.next_group += 1
             self.staleness.start()
             budget -= 1
-            self._launch(group, load.index(min(load)))
-            load[group.worker] += 1
+            self._launch(group)
+        waiting_for = "output" if budget == 0 else "input"  # idle actors wait for the learner (the staleness capacity)
+        if waiting_for != self.rollout_clock.idle_is:
+            self.rollout_clock.change(idle_is=waiting_for)
 
-    def _launch(self, group: Group, worker: int) -> None:
-        """Generate `group` on `worker` with the weights of `group.version` (an older one only for a re-queued group:
-        the worker gets it just before and the current one back just after; its calls run in order)."""
-        group.worker = worker
-        actor = self.workers[worker]
-        older = self.weights is not None and group.version != self.weights[0]
-        if older:
-            actor.set_weights.remote(group.version, self.weights_ref(group.version))
-        batch, payload, meta = actor.generate.options(num_returns=3).remote(group.gid, group.prompt, group.seed)
-        if older:
-            actor.set_weights.remote(self.weights[0], self.weights_ref(self.weights[0]))
+    def _launch(self, group: Group) -> None:
+        """Generate `group` on the slot freed longest ago (in order, or a re-run, when none is free: the least loaded
+        actor) with the weights of `group.version`, whose reference goes along unless the actor already holds them."""
+        w = self.free.popleft() if self.free else min(range(len(self.workers)), key=self.load.__getitem__)
+        group.worker = w
+        if self.load[w] == 0:
+            self.rollout_clock.change(busy=1)
+        self.load[w] += 1
+        known = self.weights is None or self.worker_version[w] == group.version
+        weights = None if known else [self.weights_ref(group.version)]
+        self.worker_version[w] = group.version
+        batch, payload, meta = self.workers[w].generate.options(num_returns=3).remote(
+            group.gid, group.prompt, group.seed, group.version, weights)
         group.batch_ref, group.payload_ref = batch, payload
         self.rolling[meta] = group
+        self.done.watch(meta, meta)
 
-    def _collect_rollouts(self, timeout: float) -> None:
-        if not self.rolling:
-            return
-        done, _ = ray.wait(list(self.rolling), num_returns=len(self.rolling), timeout=timeout)
-        for ref in done:
-            self._rollout_done(ref)
-
-    def _rollout_done(self, ref: ray.ObjectRef) -> None:
-        """A finished rollout goes to every reward pool (or is re-run, when its actor died or had no weights)."""
+    def _rollout_done(self, ref: ray.ObjectRef, result) -> None:
+        """A finished rollout (`result`: its future) goes to every reward pool (or is re-run, when its actor died or
+        had no weights)."""
         group = self.rolling.pop(ref)
+        w = group.worker
+        self.load[w] -= 1
+        if self.load[w] < self.per_worker:
+            self.free.append(w)
+        if self.load[w] == 0:
+            self.rollout_clock.change(busy=-1)
         try:
-            meta = ray.get(ref)
+            meta = result.result()
         except RayActorError:
             self._retry_rollout(group)
             return
@@ -276,6 +312,9 @@ class Pipeline:
         self.ledger.produce(group.gid)
         group.version, group.prefix_chunks, group.rollout_seconds = meta["version"], meta["prefix_chunks"], meta["seconds"]
         self.rollout_busy_s += meta["seconds"]
+        self.bytes["batch"] += meta.get("batch_bytes", 0)
+        self.bytes["payload"] += meta.get("payload_bytes", 0)
+        self.bytes["groups"] += 1
         group.pending_pools = set(self.pools)
         self.scoring[group.gid] = group
         for pool in self.pools.values():
@@ -297,15 +336,15 @@ class Pipeline:
                 raise
 
     def _retry_rollout(self, group: Group) -> None:
+        """Re-run `group` on the latest weights (as fresh as anything started now); the actor it ran on restarted
+        (or missed a version): it holds no known version any more."""
         self.ledger.retried += 1
-        dead = self.workers[group.worker]
+        self.worker_version[group.worker] = None
         if self.sync is not None:
             self.sync.broken = True  # the restarted actor is not in the broadcast group any more
-        if self.weights:  # the restarted actor came back with fresh weights: give it the current ones
-            dead.set_weights.remote(self.weights[0], self.weights_ref(self.weights[0]))
-            group.version = self.weights[0]  # and the group is re-run on them, as fresh as anything started now
-        others = [i for i in range(len(self.workers)) if i != group.worker] or [group.worker]
-        self._launch(group, others[self.next_group % len(others)])
+        if self.weights:
+            group.version = self.weights[0]
+        self._launch(group)
 
     def _collect_scores(self, timeout: float = 0.0) -> None:
         for name, pool in self.pools.items():
@@ -337,13 +376,16 @@ class Pipeline:
     def _ready_or_resample(self, group: Group) -> None:
         dg = self.dynamic_grouping
         if dg is None or not is_low_signal(group.rewards, self.signal_rewards, dg.min_std):
-            self.ready.append(group)
+            self._push_ready(group)
         elif group.resamples < dg.max_resamples:
             self._drop(group.gid, "low_signal")
             self.resample.append((group.prompt, group.resamples + 1))
         else:  # bounded: the prompt keeps giving identical rewards, train it as it is
             self.ledger.low_signal_kept += 1
-            self.ready.append(group)
+            self._push_ready(group)
+
+    def _push_ready(self, group: Group) -> None:
+        heapq.heappush(self.ready, ((-1 if self.in_order else group.version, group.gid), group))
 
     def _drop(self, gid: str, reason: str) -> None:
         """A group that will never be trained gives its admission slot back (AReaL counts only accepted rollouts):
@@ -353,9 +395,15 @@ class Pipeline:
         self.staleness.release()
 
     def pump(self, learner_version: int, timeout: float = 0.0) -> None:
+        """Start what the capacity allows, then handle whatever finished (waiting up to `timeout` s for the first
+        thing to finish in any stage), then fill the slots that freed."""
         self._start_rollouts(learner_version)
-        self._collect_rollouts(timeout)
+        self.done.wake.wait(timeout)
+        self.done.wake.clear()
+        for ref, result in self.done.take():
+            self._rollout_done(ref, result)
         self._collect_scores()
+        self._start_rollouts(learner_version)
 
     # -- what the learner sees ------------------------------------------------------------
     def learner_step(self, learner, version: int, n: int, primary: str, taus: dict[str, float],
@@ -367,26 +415,30 @@ class Pipeline:
         channel_weights: batch -> {reward: weight}, extra advantage channels decided from the batch itself (the
         self-paced curriculum reads its quality); None: the learner's SCRL channels only."""
         t0 = time.perf_counter()
+        self.learner_clock.change(idle_is="input")
         batch = self.next_batch(n, learner_version=version)
+        self.learner_clock.change(busy=1)
         waited = time.perf_counter() - t0
         extra = {} if channel_weights is None else {"channel_weights": channel_weights(batch)}
         update = learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch], primary, taus,
-                                           lambdas, **extra)
-        while not ray.wait([update], timeout=0.02)[0]:
-            if not self.in_order:  # in order, the actors work on what they hold; nothing new starts mid-step
-                self.pump(version)
-        stats = ray.get(update)
+                                           lambdas, **extra).future()
+        update.add_done_callback(lambda _: self.done.wake.set())
+        if not self.in_order:  # in order, the actors work on what they hold; nothing new starts mid-step
+            while not update.done():
+                self.pump(version, timeout=0.05)
+        self.learner_clock.change(busy=-1, idle_is="output")
+        stats = update.result()
         self.publish_from(learner, version + 1)
         for g in batch:
             self.ledger.consume(g.gid)
         return batch, stats, waited
 
     def next_batch(self, n: int, learner_version: int) -> list[Group]:
-        """Block until n fresh scored groups are ready; stale ones are dropped on the way."""
+        """Block until n fresh scored groups are ready, oldest weights first; stale ones are dropped on the way."""
         batch: list[Group] = []
         while len(batch) < n:
             while self.ready and len(batch) < n:
-                group = self.ready.popleft()
+                _, group = heapq.heappop(self.ready)
                 if self.staleness.is_stale(group.version, learner_version):
                     self._drop(group.gid, "stale")
                 else:
@@ -395,7 +447,7 @@ class Pipeline:
                 if self.in_order:
                     self._next_in_order(learner_version)
                 else:
-                    self.pump(learner_version, timeout=0.01)
+                    self.pump(learner_version, timeout=0.05)
         return batch
 
     def _next_in_order(self, learner_version: int) -> None:
@@ -406,23 +458,39 @@ class Pipeline:
             raise RuntimeError(f"no rollout in flight and none may start at learner version {learner_version} "
                                f"(started {self.staleness.started}): the staleness window is full of groups nobody holds")
         ref = min(self.rolling, key=lambda r: self.rolling[r].gid)
-        ray.wait([ref])
         gid = self.rolling[ref].gid
-        self._rollout_done(ref)
+        while ref not in self.finished:  # the others that finish meanwhile wait for their turn
+            self.finished.update(self.done.take(timeout=0.05))
+        self._rollout_done(ref, self.finished.pop(ref))
         while gid in self.scoring:
             self._collect_scores(timeout=0.01)
 
     def depths(self) -> dict[str, int]:
         return {"rollout": len(self.rolling), "reward": len(self.scoring), "ready": len(self.ready)}
 
+    def clocks(self) -> dict[str, tuple[float, float, float]]:
+        """Occupancy totals of every stage now; two of them give `idle`. The rollout actors' busy time is what they
+        measured themselves (the driver counts an actor busy until it has noticed the end of its group)."""
+        _, units, output = self.rollout_clock.totals()
+        return {"rollout": (self.rollout_busy_s, units, output),
+                **{f"reward_{name}": pool.occupancy.totals() for name, pool in self.pools.items()},
+                "learner": self.learner_clock.totals()}
+
+    @staticmethod
+    def idle(before: dict, after: dict) -> dict[str, float]:
+        """Idle fractions of each stage between two `clocks()`: {"rollout_input", "rollout_output",
+        "reward_<pool>_input", "reward_<pool>_output", "learner_input", "learner_output"}: waiting for input vs
+        blocked on output (rollout: held back by the staleness capacity; learner: handing its step on)."""
+        return {f"{stage}_{k}": v for stage in after for k, v in idle_split(before[stage], after[stage]).items()}
+
     def held(self) -> set[str]:
         """Produced group ids still inside the pipeline (for the ledger's balance)."""
-        return set(self.scoring) | {g.gid for g in self.ready}
+        return set(self.scoring) | {g.gid for _, g in self.ready}
 
     # -- checkpoints: what is in flight, and putting it back ------------------------------
     def in_flight(self) -> list[Group]:
         """Every group started and not yet consumed or dropped (generating, being scored, ready), oldest first."""
-        return sorted([*self.rolling.values(), *self.scoring.values(), *self.ready], key=lambda g: g.gid)
+        return sorted([*self.rolling.values(), *self.scoring.values(), *(g for _, g in self.ready)], key=lambda g: g.gid)
 
     def state_dict(self) -> dict:
         """Plain state for a checkpoint: the groups in flight (id, prompt, seed, weights version, re-samples) and the
@@ -444,7 +512,6 @@ class Pipeline:
         one (publish the current one first)."""
         self.resample.extend((prompt, n) for prompt, n in state["resample"])
         self.published.update(weights)
-        load = self.worker_loads()
         for saved in state["in_flight"]:
             if saved["version"] not in self.published:
                 raise ValueError(f"group {saved['gid']} was in flight on weights version {saved['version']}, which "
@@ -454,12 +521,11 @@ class Pipeline:
             group = Group(saved["gid"], saved["prompt"], saved["seed"], version=saved["version"],
                           resamples=saved["resamples"])
             self.staleness.start()
-            self._launch(group, load.index(min(load)))
-            load[group.worker] += 1
+            self._launch(group)
 
     def close(self) -> None:
         """End of run: produced but unused groups are dropped (and counted); rollouts in flight are abandoned."""
-        for group in [*self.scoring.values(), *self.ready]:
+        for group in [*self.scoring.values(), *(g for _, g in self.ready)]:
             self.ledger.drop(group.gid, "unused")
         self.scoring.clear()
         self.ready.clear()

@@ -9,7 +9,10 @@ Guarantees (tested with a real cluster, killing a replica mid-batch):
 - `scale_to(n)` adds replicas that take work at once and retires surplus ones only after
   what they hold has finished;
 - `version` is the model version that scored the latest batch (replicas return it with the scores), `versions` every
-  one seen.
+  one seen;
+- finished batches are taken from a completion queue (`Completions`), never by scanning what is still running;
+  `occupancy` integrates how many replicas hold work (a replica without work is waiting for input: nothing
+  downstream ever blocks a reward model).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.failures import InfraError
+from orchestrator.completions import Completions, Occupancy
 from rewards.errors import DataError
 
 
@@ -32,7 +36,6 @@ class _Job:
     attempt: int = 0
     replica: str = ""
     not_before: float = 0.0
-    version_ref: ray.ObjectRef | None = None  # the model version the replica scored it with
 
 
 @dataclass
@@ -56,6 +59,8 @@ class RewardPool:
         self.running: dict[ray.ObjectRef, _Job] = {}
         self.waiting: list[_Job] = []  # retries in back-off
         self.counters = PoolCounters()
+        self.done = Completions()
+        self.occupancy = Occupancy(units=0)
         self.version = ""  # the model version of the latest scored batch
         self.versions: list[str] = []  # every version that scored a batch, in the order first seen
         self._next_index = 0
@@ -70,8 +75,10 @@ class RewardPool:
             self._next_index += 1
             self.replicas[name] = self.spawn(name)
             self.load[name] = 0
+            self.occupancy.change(units=1)
         for name in sorted(self.replicas, key=lambda r: self.load[r])[: len(self.replicas) - n]:
             self.retiring[name] = self.replicas.pop(name)  # finishes what it holds, then is killed
+            self.occupancy.change(units=-1)
         self._reap_retired()
 
     def _reap_retired(self) -> None:
@@ -95,9 +102,15 @@ class RewardPool:
     def _dispatch(self, job: _Job, avoid: str = "") -> None:
         choices = [r for r in self.replicas if r != avoid] or list(self.replicas)
         job.replica = min(choices, key=lambda r: self.load[r])
-        self.load[job.replica] += 1
-        scores, job.version_ref = self.replicas[job.replica].score_versioned.options(num_returns=2).remote(job.ref)
-        self.running[scores] = job
+        self._load(job.replica, +1)
+        ref = self.replicas[job.replica].score_versioned.remote(job.ref)  # -> (scores, model version)
+        self.running[ref] = job
+        self.done.watch(ref, ref)
+
+    def _load(self, replica: str, delta: int) -> None:
+        self.load[replica] += delta
+        if self.load[replica] == (1 if delta > 0 else 0):  # the replica got its first batch, or finished its last
+            self.occupancy.change(busy=delta)
 
     def ready(self, timeout: float = 0.0) -> list[tuple[str, object]]:
         """Finished batches as (batch_id, scores float32 [N, D], or a DataError / InfraError); waits up to `timeout` s."""
@@ -107,15 +120,14 @@ class RewardPool:
             self._dispatch(job, avoid=job.replica)
         if not self.running:
             return []
-        done, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=timeout)
         out = []
-        for ref in done:
+        for ref, fut in self.done.take(timeout):
             job = self.running.pop(ref)
-            self.load[job.replica] -= 1
+            self._load(job.replica, -1)
             try:
-                out.append((job.batch_id, ray.get(ref)))
+                scores, self.version = fut.result()
+                out.append((job.batch_id, scores))
                 self.counters.scored += 1
-                self.version = ray.get(job.version_ref)  # returned by the same call: already there
                 if self.version not in self.versions:
                     self.versions.append(self.version)
             except DataError as e:

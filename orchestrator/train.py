@@ -208,11 +208,12 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
         pipe.requeue(*run.requeue)
     bar = tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not progress)
     scored_before = {name: 0 for name in pipe.pools}
+    clocks = pipe.clocks()
     try:
         while run.step < cfg.train.steps and not (stop and stop.is_set()):
             t0 = time.perf_counter()
             try:
-                batch, stats, waited = pipe.learner_step(actors.learner, run.step, cfg.train.groups_per_step, primary,
+                batch, stats, _ = pipe.learner_step(actors.learner, run.step, cfg.train.groups_per_step, primary,
                                                          taus, run.lambdas, channel_weights)
             except ray.exceptions.RayError as e:
                 raise _learner_died(run, pipe, actors, e) from e
@@ -224,7 +225,9 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
             run.samples += sum(len(g.rewards[primary]) for g in batch)
             run.next_group = pipe.next_group
             scored = {name: pool.counters.scored for name, pool in pipe.pools.items()}
-            row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, waited, time.perf_counter() - t0)
+            row = _metrics_row(run, batch, means, stats, lambdas_used, pipe, time.perf_counter() - t0)
+            clocks, before = pipe.clocks(), clocks
+            row.update({f"idle/{k}": v for k, v in pipe.idle(before, clocks).items()})  # since the last row
             row.update(_scale_reward_pools(cfg, actors, pipe, run.step, scored_before, scored, time.perf_counter() - t0,
                                            run.streaks))
             row.update({f"reward_version/{name}": pool.version for name, pool in pipe.pools.items()})  # latest batch's
@@ -238,9 +241,9 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
             log.log(row)
             _dashboard(dash, row, pipe)
             run.rollout_rows += _rollout_rows(run.step - 1, batch, lambdas_used)
-            bar.update(1)
             bar.set_postfix({primary: f"{means[primary]:.3f}", **{f"λ{c}": f"{v:.2f}" for c, v in run.lambdas.items()},
-                             "clips/s": f"{row['throughput/samples_per_s']:.1f}"})
+                             "clips/s": f"{row['throughput/samples_per_s']:.1f}"}, refresh=False)  # shown by update
+            bar.update(1)
             if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps or (stop and stop.is_set()):
                 log.flush()  # metrics up to the checkpoint are on disk with it
                 try:
@@ -272,7 +275,7 @@ def _learner_died(run: Run, pipe: Pipeline, actors: RunActors, error: BaseExcept
     return LearnerDied(run, error) if dead else error
 
 
-def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipeline, waited: float, seconds: float) -> dict:
+def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipeline, seconds: float) -> dict:
     staleness = [run.step - 1 - g.version for g in batch]
     wall = time.perf_counter() - run.started
     row = {"step": run.step - 1, **{f"reward/{k}": v for k, v in means.items()},
@@ -281,8 +284,7 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
            "staleness/mean": float(np.mean(staleness)), "staleness/max": float(np.max(staleness)),
            "throughput/samples_per_s": sum(len(g.rewards[run.primary]) for g in batch) / seconds,
            "throughput/total_samples_per_s": run.samples / wall,
-           "idle/learner": waited / seconds,
-           "idle/rollout": 1.0 - min(1.0, pipe.rollout_busy_s / (len(pipe.workers) * wall)),
+           "payload/bytes_per_group": (pipe.bytes["batch"] + pipe.bytes["payload"]) / max(1, pipe.bytes["groups"]),
            **{f"queue/{k}": v for k, v in pipe.depths().items()},
            **{f"ledger/{k}": v for k, v in run.ledger.balance(pipe.held()).items() if isinstance(v, int)}}
     if run.curriculum:  # the weights this step trained with, and the competence they came from
