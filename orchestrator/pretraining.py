@@ -39,14 +39,14 @@ def train_base_model(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
     clips = torch.from_numpy(to_uint8(videos)).permute(0, 1, 4, 2, 3).contiguous()  # [N, T, C, H, W] uint8
     cond = policy.encode_prompts([p.text for p in prompts])
     p = cfg.pretrain
-    bar = tqdm(total=p.steps, desc="pretrain", unit="step", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=p.steps, desc="pretrain", unit="step", disable=not progress)
     losses: list[float] = []
 
     def on_step(step: int, loss: float) -> None:
         losses.append(loss)
-        bar.update(1)
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)  # shown by update
+        bar.update(1)
 
     start = time.perf_counter()
     ema_policy = pretrain(

@@ -198,11 +198,6 @@ def panel_metrics() -> set[str]:
     return {name for e in exprs for name in re.findall(r"\bray_videorl_\w+", e)}
 
 
-# Idle split into waiting-for-input / blocked-on-output, being added to the metrics row (issue 13): while the run
-# emits none of these names, they may be missing; once one appears, every one is required.
-IDLE_SPLIT = re.compile(r"ray_videorl_idle_(rollout|learner|reward_\w+)_(input|output)")
-
-
 def test_every_grafana_panel_metric_is_in_prometheus_during_a_run(local_run):
     want = panel_metrics()
     assert len(want) >= 30, sorted(want)
@@ -211,10 +206,7 @@ def test_every_grafana_panel_metric_is_in_prometheus_during_a_run(local_run):
         assert local_run["proc"].poll() is None, local_run["log"].read_text()[-3000:]
         text = urllib.request.urlopen(local_run["metrics"], timeout=5).read().decode()
         have = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if not ln.startswith("#")}
-        gone = want - have
-        if not any(IDLE_SPLIT.fullmatch(n) for n in have):
-            gone = {n for n in gone if not IDLE_SPLIT.fullmatch(n)}
-        return gone
+        return want - have
     deadline = time.time() + 300
     while (gone := missing()) and time.time() < deadline:
         time.sleep(2)
