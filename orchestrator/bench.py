@@ -20,6 +20,7 @@ actor start-up is excluded (every actor answers a ping before the clock starts).
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,13 +28,14 @@ from pathlib import Path
 import ray
 
 from orchestrator.autoscale import AutoscaleConfig, scale_step
+from orchestrator.completions import Completions
 from orchestrator.ledger import Ledger
 from orchestrator.pipeline import Pipeline, PromptCursor
 from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
 
-SIM_COLUMNS = ["rollout_actors", "bound_groups_per_s", "groups_per_s", "efficiency", "util_rollout", "util_reward",
-               "util_learner", "stale_drops", "driver_ms_per_group", "balanced", "seconds"]
+SIM_COLUMNS = ["actors", "bound", "throughput", "efficiency", "sync_throughput", "speedup", "stale_fraction",
+               "driver_ms_per_group", "bottleneck", "idle_rollout", "idle_reward", "idle_learner", "balanced", "seconds"]
 SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
 SCALE_COLUMNS = ["reward_replicas", "first_step", "last_step", "measured_from_step", "reward_groups_per_s"]
 REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
@@ -46,9 +48,10 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
     (`autoscale.scale_step`: requests from `videorl scale`, else the autoscaling `rules`); `scale_at` {step: n} sends the request `videorl scale
     --reward <pool>=n` would send, at that step. New replicas are not waited for.
 
-    Returns one mark per step boundary (len steps + 1): {"t": perf_counter s, "scored": batches the
-    pool has scored, "busy": rollout busy seconds, "replicas": pool size during the step that ended,
-    "replicas_up": whether every replica added so far has answered a ping}.
+    Returns one mark per step boundary (len steps + 1): {"t": perf_counter s, "cpu": the driver's CPU s, "scored":
+    batches the pool has scored, "busy": rollout busy seconds, "replicas": pool size during the step that ended,
+    "replicas_up": whether every replica added so far has answered a ping, "clocks": `Pipeline.clocks()`, "stale":
+    groups dropped as stale so far, "produced": groups produced so far}.
     """
     scale_at, rules, streaks, starting = scale_at or {}, rules or {}, {}, []
     if scale_at and control is None:
@@ -57,8 +60,10 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
     def mark() -> dict:
         up = not starting or len(ray.wait(starting, num_returns=len(starting), timeout=0)[0]) == len(starting)
         return {"t": time.perf_counter(), "cpu": time.process_time(),  # the driver's own CPU seconds
+                "main_cpu": time.thread_time(), "machine_cpu": _machine_cpu(),
                 "scored": pool.counters.scored if pool else 0, "busy": pipe.rollout_busy_s,
-                "replicas": pool.size if pool else 0, "replicas_up": up}
+                "replicas": pool.size if pool else 0, "replicas_up": up, "clocks": pipe.clocks(),
+                "stale": pipe.ledger.balance(set()).get("dropped_stale", 0), "produced": len(pipe.ledger.produced)}
 
     pipe.publish_from(learner, 0)
     marks = [mark()]
@@ -74,6 +79,14 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
     return marks
 
 
+def _machine_cpu() -> float:
+    """CPU seconds every process on this machine has used (all cores), for the machine's load in a window."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
 def _rate(marks: list[dict], a: int, b: int, key: str) -> float | None:
     """Per-second increase of marks[.][key] between step boundaries a < b (None for an empty window)."""
     if b <= a:
@@ -81,36 +94,51 @@ def _rate(marks: list[dict], a: int, b: int, key: str) -> float | None:
     return (marks[b][key] - marks[a][key]) / (marks[b]["t"] - marks[a]["t"])
 
 
-def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float = 0.02, reward_replicas: int = 2,
-                       learner_s: float = 0.05, groups_per_step: int = 8, max_staleness: int = 2, steps: int = 6,
-                       warmup_steps: int = 1, scale_at: dict[int, int] | None = None,
-                       autoscale: AutoscaleConfig | None = None, named_control: bool = False, per_worker: int = 2) -> dict:
-    """One simulated run (groups of one clip) -> JSON-able dict: "row" (SIM_COLUMNS), "steps" (SIM_STEP_COLUMNS
-    per step) and "reward_scaling" (reward groups/s per run of steps at one replica count, SCALE_COLUMNS).
-    Durations are seconds of device time per group (rollout, reward) and per learner step; `per_worker` is the
-    Pipeline's rollouts queued per actor (train_loop uses its default, 2). The reward pool ("simulated") is resized
-    as in `videorl train`: `scale_at` {step: replicas} requests through the run's control actor, `autoscale` is the
-    pool's autoscaler, and with `named_control` the control actor is `videorl-control`, so
-    `videorl scale --address ... --reward simulated=N` reaches this run from another process."""
+def _stages(n_rollout: int, rollout_s: float, reward_s: float, reward_replicas: int, learner_s: float,
+            groups_per_step: int, max_staleness: int):
+    """Validated simulated stages -> (rollout actors, the reward pool "simulated", learner, control actor)."""
     if n_rollout < 1 or reward_replicas < 1 or groups_per_step < 1 or max_staleness < 0:
         raise ValueError(f"need n_rollout, reward_replicas, groups_per_step >= 1 and max_staleness >= 0, got "
                          f"{n_rollout}, {reward_replicas}, {groups_per_step}, {max_staleness}")
     if min(rollout_s, reward_s, learner_s) <= 0:
         raise ValueError(f"stage durations must be > 0 s, got rollout_s={rollout_s}, reward_s={reward_s}, learner_s={learner_s}")
+    from actors.simulated import simulated_learner_actor, simulated_reward_actor, simulated_rollout_actor
+
+    rollouts = [simulated_rollout_actor(i, rollout_s) for i in range(n_rollout)]
+    pool = RewardPool("simulated", lambda name: simulated_reward_actor(name, reward_s), reward_replicas)
+    learner = simulated_learner_actor(learner_s)
+    ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values(), learner]])  # start-up is not measured
+    return rollouts, pool, learner
+
+
+def _kill(pool: RewardPool, handles: list) -> None:
+    pool.shutdown()
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+
+
+def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float = 0.02, reward_replicas: int = 2,
+                       learner_s: float = 0.05, groups_per_step: int = 8, max_staleness: int = 2, steps: int = 6,
+                       warmup_steps: int = 1, scale_at: dict[int, int] | None = None,
+                       autoscale: AutoscaleConfig | None = None, named_control: bool = False, per_worker: int = 1) -> dict:
+    """One simulated run (groups of one clip) -> JSON-able dict: "row" (SIM_COLUMNS but the sync ones), "steps"
+    (SIM_STEP_COLUMNS per step) and "reward_scaling" (reward groups/s per run of steps at one replica count,
+    SCALE_COLUMNS). Durations are seconds of device time per group (rollout, reward) and per learner step;
+    `per_worker` is the Pipeline's rollouts queued per actor (train_loop uses its default). The reward pool
+    ("simulated") is resized as in `videorl train`: `scale_at` {step: replicas} requests through the run's control
+    actor, `autoscale` is the pool's autoscaler, and with `named_control` the control actor is `videorl-control`, so
+    `videorl scale --address ... --reward simulated=N` reaches this run from another process."""
     if not 0 <= warmup_steps < steps:
         raise ValueError(f"need 0 <= warmup_steps < steps, got warmup_steps={warmup_steps}, steps={steps}")
     scale_at = {int(k): int(v) for k, v in (scale_at or {}).items()}
     if any(not 0 <= k < steps or v < 1 for k, v in scale_at.items()):
         raise ValueError(f"scale_at needs {{step in [0, {steps}): replicas >= 1}}, got {scale_at}")
     from actors.control import control_actor
-    from actors.simulated import simulated_learner_actor, simulated_reward_actor, simulated_rollout_actor
 
-    rollouts = [simulated_rollout_actor(i, rollout_s) for i in range(n_rollout)]
-    pool = RewardPool("simulated", lambda name: simulated_reward_actor(name, reward_s), reward_replicas)
-    learner = simulated_learner_actor(learner_s)
+    rollouts, pool, learner = _stages(n_rollout, rollout_s, reward_s, reward_replicas, learner_s, groups_per_step,
+                                      max_staleness)
     control = control_actor([pool.model], named=named_control)
     try:
-        ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values(), learner]])  # start-up is not measured
         ledger = Ledger()
         pipe = Pipeline(rollouts, {"simulated": pool}, {"simulated": ["score"]}, PromptCursor(["simulated"], 0),
                         StalenessManager(groups_per_step, max_staleness), ledger, seed=0, per_worker=per_worker)
@@ -119,9 +147,7 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
         held_balance = ledger.balance(pipe.held())
         pipe.close()
     finally:
-        pool.shutdown()
-        for handle in [*rollouts, learner, control]:
-            ray.kill(handle, no_restart=True)
+        _kill(pool, [*rollouts, learner, control])
 
     w, end = warmup_steps, steps
     window = marks[end]["t"] - marks[w]["t"]
@@ -133,17 +159,22 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
     # with resizes the bound moves: the ideal time is each step's groups at that step's bound
     ideal_s = sum(groups_per_step / bound_at(marks[i]["replicas"]) for i in range(w + 1, end + 1))
     bound = (end - w) * groups_per_step / ideal_s
-    replica_seconds = sum(marks[i]["replicas"] * (marks[i]["t"] - marks[i - 1]["t"]) for i in range(w + 1, end + 1))
     balance = ledger.balance(set())
+    idle = Pipeline.idle(marks[w]["clocks"], marks[end]["clocks"])
+    stages = {"rollout": "rollout", "reward_simulated": "reward", "learner": "learner"}
+    idle_by_stage = {name: {k: idle[f"{stage}_{k}"] for k in ("input", "output")} for stage, name in stages.items()}
+    produced = marks[end]["produced"] - marks[w]["produced"]
     row = {
-        "rollout_actors": n_rollout, "bound_groups_per_s": bound, "groups_per_s": achieved, "efficiency": achieved / bound,
-        # busy seconds of the rollouts collected inside the window (rollouts finishing in waves alias at its edges)
-        "util_rollout": (marks[end]["busy"] - marks[w]["busy"]) / (n_rollout * window),
-        "util_reward": (marks[end]["scored"] - marks[w]["scored"]) * reward_s / replica_seconds,
-        "util_learner": (end - w) * learner_s / window,
-        "stale_drops": balance.get("dropped_stale", 0),
+        "actors": n_rollout, "bound": bound, "throughput": achieved, "efficiency": achieved / bound,
+        "stale_fraction": (marks[end]["stale"] - marks[w]["stale"]) / max(1, produced),
         # the driver process's CPU time (every thread: Ray's own included) per consumed group, in the window
         "driver_ms_per_group": 1000 * (marks[end]["cpu"] - marks[w]["cpu"]) / ((end - w) * groups_per_step),
+        "driver_main_ms_per_group": 1000 * (marks[end]["main_cpu"] - marks[w]["main_cpu"]) / ((end - w) * groups_per_step),
+        "driver_cpu_util": (marks[end]["cpu"] - marks[w]["cpu"]) / window,  # 1.0: one core busy all the time
+        "machine_cpu_util": (marks[end]["machine_cpu"] - marks[w]["machine_cpu"]) / (window * os.cpu_count()),
+        # the stage that idled least: where the pipeline's time goes
+        "bottleneck": min(idle_by_stage, key=lambda k: sum(idle_by_stage[k].values())),
+        "idle": idle_by_stage,
         "balanced": held_balance["balanced"] and balance["balanced"],
         "seconds": round(marks[end]["t"] - marks[0]["t"], 2),
     }
@@ -157,6 +188,33 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
                          "steps": steps, "warmup_steps": warmup_steps, "per_worker": per_worker,
                          "scale_at": {str(k): v for k, v in scale_at.items()},
                          "autoscale": autoscale.model_dump() if autoscale else None}}
+
+
+def simulated_sync(n_rollout: int, rollout_s: float = 1.0, reward_s: float = 0.02, reward_replicas: int = 2,
+                   learner_s: float = 0.05, groups_per_step: int = 8, steps: int = 4, warmup_steps: int = 1, **_) -> dict:
+    """The synchronous loop (flow_grpo, DanceGRPO) on the same simulated stages: each step generates its groups on
+    the rollout actors, then scores them all, then trains, then publishes -> {"throughput": groups/s, "seconds"}."""
+    rollouts, pool, learner = _stages(n_rollout, rollout_s, reward_s, reward_replicas, learner_s, groups_per_step, 0)
+    try:
+        marks, n = [], 0
+        for step in range(steps + 1):
+            marks.append(time.perf_counter())
+            if step == steps:
+                break
+            weights = learner.weights.remote()
+            gids = [f"g{n + i:06d}" for i in range(groups_per_step)]
+            n += groups_per_step
+            outs = [rollouts[i % n_rollout].generate.options(num_returns=3).remote(gid, "p", i, step, [weights])
+                    for i, gid in enumerate(gids)]
+            ray.get([meta for _, _, meta in outs])
+            for gid, (batch, _, _) in zip(gids, outs):
+                pool.submit(gid, batch)
+            pool.drain()
+            ray.get(learner.train_step.remote([payload for _, payload, _ in outs], [], "score", {}, {}))
+    finally:
+        _kill(pool, [*rollouts, learner])
+    window = marks[steps] - marks[warmup_steps]
+    return {"throughput": (steps - warmup_steps) * groups_per_step / window, "seconds": round(marks[-1] - marks[0], 2)}
 
 
 def _scaling_segments(marks: list[dict], warmup_steps: int) -> list[dict]:
@@ -179,19 +237,101 @@ def _scaling_segments(marks: list[dict], warmup_steps: int) -> list[dict]:
     return runs
 
 
+def table_row(row: dict) -> dict:
+    """A sweep row for the printed table: idle per stage as "input/output"."""
+    idle = {f"idle_{stage}": "{input:.2f}/{output:.2f}".format(**v) for stage, v in row["idle"].items()}
+    return {**{k: v for k, v in row.items() if k != "idle"}, **idle}
+
+
+def balanced_stages(n_rollout: int, rollout_s: float, reward_replicas: int, groups_per_step: int | None) -> dict:
+    """Stage times where no stage is the bottleneck: rollout_s / actors = reward_s / replicas = learner_s / groups
+    per step (one step's groups take as long in each stage); groups per step default to the actor count, so the
+    staleness capacity (max_staleness + 1) * groups_per_step keeps every actor busy."""
+    gps = groups_per_step or n_rollout
+    return {"rollout_s": rollout_s, "reward_s": rollout_s * reward_replicas / n_rollout, "reward_replicas": reward_replicas,
+            "learner_s": rollout_s * gps / n_rollout, "groups_per_step": gps}
+
+
 def simulated_sweep(actor_counts: tuple[int, ...] = (1, 2, 4, 8, 16), measure_s: float = 4.0, warmup_steps: int = 1,
-                    min_measured_steps: int = 3, steps: int | None = None, **kwargs) -> dict:
+                    min_measured_steps: int = 3, steps: int | None = None, sync: bool = False, balanced: bool = False,
+                    **kwargs) -> dict:
     """simulated_pipeline at each rollout actor count -> {"mode", "rows": [SIM_COLUMNS row per count], "runs"}.
-    Each point measures >= `measure_s` s of work at the bound rate (and >= min_measured_steps steps) unless `steps`
-    fixes the count (needed with scale_at). kwargs go to simulated_pipeline."""
-    gps = kwargs.get("groups_per_step", 8)
+    Each point measures >= `measure_s` s of work at the bound rate (and >= min_measured_steps steps) after warm-up,
+    unless `steps` fixes the count (needed with scale_at). `sync`: also the synchronous loop on the same stages
+    (its throughput and the pipeline's speed-up over it); `balanced`: reward and learner times follow the rollout
+    time and the actor count (`balanced_stages`; kwargs' groups_per_step, if given, is kept). kwargs go to
+    simulated_pipeline."""
     runs = []
     for n in actor_counts:
-        bound = min(n / kwargs.get("rollout_s", 1.0), kwargs.get("reward_replicas", 2) / kwargs.get("reward_s", 0.02),
-                    gps / kwargs.get("learner_s", 0.05))
+        kw = {**kwargs, **balanced_stages(n, kwargs.get("rollout_s", 1.0), kwargs.get("reward_replicas", 2),
+                                          kwargs.get("groups_per_step"))} if balanced else kwargs
+        gps = kw.get("groups_per_step", 8)
+        bound = min(n / kw.get("rollout_s", 1.0), kw.get("reward_replicas", 2) / kw.get("reward_s", 0.02),
+                    gps / kw.get("learner_s", 0.05))
         n_steps = steps or warmup_steps + max(min_measured_steps, math.ceil(measure_s * bound / gps))
-        runs.append(simulated_pipeline(n, steps=n_steps, warmup_steps=warmup_steps, **kwargs))
+        run = simulated_pipeline(n, steps=n_steps, warmup_steps=warmup_steps, **kw)
+        row = run["row"]
+        row["sync_throughput"] = row["speedup"] = None
+        if sync:
+            settings = {k: kw[k] for k in ("rollout_s", "reward_s", "reward_replicas", "learner_s", "groups_per_step")
+                        if k in kw}
+            run["sync"] = simulated_sync(n, steps=warmup_steps + max(2, min_measured_steps // 2), warmup_steps=warmup_steps,
+                                         **settings)
+            row["sync_throughput"] = run["sync"]["throughput"]
+            row["speedup"] = row["throughput"] / row["sync_throughput"]
+        runs.append(run)
     return {"mode": "simulated", "rows": [r["row"] for r in runs], "runs": runs}
+
+
+def ray_call_floor(n_rollout: int = 8, per_worker: int = 2, groups: int = 2000) -> dict:
+    """What the Ray calls alone cost the driver: the calls the pipeline makes per group (generate with three returns,
+    then score on its batch reference), on the simulated actors with no device time and no orchestration between
+    them -> {"groups_per_s", "driver_ms_per_group", "driver_cpu_util"}."""
+    rollouts, pool, learner = _stages(n_rollout, 1e-9, 1e-9, 1, 1e-9, 1, 0)
+    replica = next(iter(pool.replicas.values()))
+    done = Completions()
+    try:
+        t0, cpu0, started, finished = time.perf_counter(), time.process_time(), 0, 0
+
+        def launch(w: int) -> None:
+            nonlocal started
+            batch, _, meta = rollouts[w].generate.options(num_returns=3).remote(f"g{started}", "p", started)
+            done.watch(meta, ("rollout", w, batch))
+            started += 1
+
+        for w in [w for _ in range(per_worker) for w in range(n_rollout)]:
+            launch(w)
+        while finished < groups:
+            for (stage, w, batch), _ in done.take(timeout=1.0):
+                if stage == "rollout":
+                    done.watch(replica.score_versioned.remote(batch), ("reward", w, None))
+                    if started < groups:
+                        launch(w)
+                else:
+                    finished += 1
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        _kill(pool, [*rollouts, learner])
+    return {"groups_per_s": groups / seconds, "driver_ms_per_group": 1000 * cpu / groups, "driver_cpu_util": cpu / seconds}
+
+
+def ceiling(n_rollout: int = 8, groups_per_step: int = 32, measure_s: float = 10.0) -> dict:
+    """The most groups/s the pipeline sustains on this machine (every stage ~0 s of device time) and where that
+    ceiling comes from, measured side by side: the driver's CPU per group and how busy it is (a driver at ~1.0 core
+    is the limit), the same Ray calls with no orchestration (`ray_call_floor`), and the machine's CPU (actors and
+    Ray's own processes share the cores)."""
+    tiny = 1e-4
+    steps = 2 + max(3, math.ceil(measure_s * 2000 / groups_per_step))  # more than enough: cut by the time limit below
+    run = simulated_pipeline(n_rollout, rollout_s=tiny, reward_s=tiny, reward_replicas=2, learner_s=tiny,
+                             groups_per_step=groups_per_step, max_staleness=4, steps=min(steps, 400), warmup_steps=2,
+                             per_worker=2)
+    floor = ray_call_floor(n_rollout)
+    row = run["row"]
+    return {"pipeline": {k: row[k] for k in ("throughput", "driver_ms_per_group", "driver_main_ms_per_group",
+                                            "driver_cpu_util", "machine_cpu_util", "balanced")},
+            "ray_calls_only": floor,
+            "orchestration_ms_per_group": row["driver_ms_per_group"] - floor["driver_ms_per_group"],
+            "settings": run["settings"]}
 
 
 # -- real mode -------------------------------------------------------------------------------------
@@ -226,7 +366,15 @@ def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
         rows.append({"loop": name, "clips_per_s": res["clips_per_s"], "seconds_per_step": clips / res["clips_per_s"],
                      "ratio_vs_sync": res["clips_per_s"] / sync["clips_per_s"], "measured_steps": steps - warmup_steps,
                      "clips": (steps - warmup_steps) * clips})
+    # what the pipeline can reach: the stages overlap, so a step takes as long as its slowest stage (rollout spread
+    # over the rollout actors), unless the cores run out first (every stage's seconds on `cores` cores). Stage times
+    # are the synchronous loop's, measured in this process just before, on `threads` torch threads.
+    stage = sync["stage_seconds_per_step"]
+    cores = ray.cluster_resources().get("CPU", os.cpu_count()) / cfg.threads
+    bound = clips / max(stage["rollout"] / cfg.ray.rollout_workers, stage["reward"], stage["learner"],
+                        sum(stage.values()) / cores)
     return {"mode": "real", "rows": rows, "ratio": actor["clips_per_s"] / sync["clips_per_s"],
+            "bound_clips_per_s": bound, "efficiency": actor["clips_per_s"] / bound,
             "synchronous": sync, "pipeline": actor,
             "note": f"untrained {cfg.model.kind} policy and the oracle reward: time per step does not depend on the weights",
             "settings": {"steps": steps, "warmup_steps": warmup_steps, "groups_per_step": cfg.train.groups_per_step,
@@ -240,7 +388,7 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
     """flow_grpo / DanceGRPO order in one process: generate all groups, score them, one learner step, sync weights."""
     from policy.backend import init_policy, video_shape
     from policy.learner import Learner, ScoredGroup
-    from policy.rollout import RolloutWorker, trajectory_from_payload
+    from policy.rollout import RolloutWorker, payload_options, trajectory_from_payload
     from rewards.scorer import RewardScorer
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
@@ -248,7 +396,7 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), mode=r.mode, sampler=r.sampler, eta=r.eta,
                                steps=r.steps, shift=r.shift, group_size=r.group_size, shared_prefix=r.shared_prefix,
-                               dtype=r.dtype)
+                               dtype=r.dtype, **payload_options(cfg))
     scorer = RewardScorer("oracle", frame_shape=(*video_shape(cfg.model), 3))
     cursor, n = PromptCursor(prompts, cfg.train.seed), 0
     stage = {"rollout": 0.0, "reward": 0.0, "learner": 0.0}
@@ -287,11 +435,12 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
     from actors.reward import reward_actor
     from actors.rollout import rollout_actor
     from orchestrator.config import RewardModelSpec
+    from policy.rollout import payload_options
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
     spec = next((s for s in cfg.rewards.models.values() if s.kind == "oracle"), RewardModelSpec(kind="oracle", num_cpus=0.1))
     rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
-                          shared_prefix=r.shared_prefix, dtype=r.dtype)
+                          shared_prefix=r.shared_prefix, dtype=r.dtype, **payload_options(cfg))
     pool = RewardPool("oracle", lambda name: reward_actor(name, "oracle", None, num_cpus=spec.num_cpus,
                                                           num_gpus=spec.num_gpus), spec.replicas)
     learners, rollouts = None, []

@@ -432,23 +432,41 @@ def cmd_bench_pipeline(args) -> None:
     if args.mode in ("real", "both"):
         real = bench.real_pipeline(cfg, steps=args.steps, warmup_steps=args.warmup_steps)
         print(f"real: the same work synchronously and through the actor pipeline ({real['note']})")
-        print(format_table(real["rows"], bench.REAL_COLUMNS) + f"\npipeline / synchronous = {real['ratio']:.2f}\n")
+        print(format_table(real["rows"], bench.REAL_COLUMNS) + f"\npipeline / synchronous = {real['ratio']:.2f}; "
+              f"efficiency {real['efficiency']:.2f} of the slowest stage's {real['bound_clips_per_s']:.2f} clips/s "
+              f"(stage s/step: " + ", ".join(f"{k} {v:.2f}" for k, v in real["synchronous"]["stage_seconds_per_step"].items())
+              + ")\n")
         result["real"] = real
     if args.mode in ("simulated", "both"):
         kw = dict(rollout_s=args.rollout_s, reward_s=args.reward_s, reward_replicas=args.reward_replicas,
-                  learner_s=args.learner_s, groups_per_step=args.groups_per_step, max_staleness=args.max_staleness)
+                  learner_s=args.learner_s, groups_per_step=args.groups_per_step, max_staleness=args.max_staleness,
+                  per_worker=args.per_worker)
         if args.scale_at or args.autoscale or args.control:
             scale_at = dict(map(int, item.split("=")) for item in args.scale_at or [])
             run = bench.simulated_pipeline(args.actors[-1], steps=args.sim_steps or 12, scale_at=scale_at,
-                                           autoscale=_autoscale_arg(args.autoscale), named_control=args.control, **kw)
+                                           autoscale=_autoscale_arg(args.autoscale), named_control=args.control,
+                                           **{k: v for k, v in kw.items() if v is not None})
             print(format_table(run["steps"], bench.SIM_STEP_COLUMNS))
             print("\nreward throughput per replica count\n" + format_table(run["reward_scaling"], bench.SCALE_COLUMNS))
             result["simulated"] = run
         else:
-            sweep = bench.simulated_sweep(tuple(args.actors), **kw)
-            print("simulated device time: efficiency = achieved / bound of the slowest stage")
-            print(format_table(sweep["rows"], bench.SIM_COLUMNS))
+            kw = {k: v for k, v in kw.items() if v is not None and not (args.balanced and k in ("reward_s", "learner_s"))}
+            sweep = bench.simulated_sweep(tuple(args.actors), measure_s=args.measure_s, sync=args.sync,
+                                          balanced=args.balanced, **kw)
+            print("simulated device time: efficiency = throughput / bound (the slowest stage's groups/s); idle per "
+                  "stage as waiting for input / blocked on output")
+            print(format_table([bench.table_row(r) for r in sweep["rows"]], bench.SIM_COLUMNS))
             result["simulated"] = sweep
+        if args.ceiling:
+            top = bench.ceiling(args.actors[-1], measure_s=min(args.measure_s, 10.0))
+            pipe, floor = top["pipeline"], top["ray_calls_only"]
+            print(f"\nceiling ({args.actors[-1]} actors, every stage ~0 s): {pipe['throughput']:.0f} groups/s; driver "
+                  f"{pipe['driver_ms_per_group']:.2f} ms CPU per group ({pipe['driver_main_ms_per_group']:.2f} in its "
+                  f"main thread), {pipe['driver_cpu_util']:.2f} cores busy; machine {pipe['machine_cpu_util']:.0%} busy\n"
+                  f"the same Ray calls without orchestration: {floor['groups_per_s']:.0f} groups/s, "
+                  f"{floor['driver_ms_per_group']:.2f} ms CPU per group; orchestration adds "
+                  f"{top['orchestration_ms_per_group']:.2f} ms")
+            result["ceiling"] = top
     path = write_json(result, Path(args.out) / "bench_pipeline.json")
     print(f"\nwrote {path}")
 
@@ -603,11 +621,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="simulated: rollout actor counts")
     p.add_argument("--rollout-s", type=float, default=1.0, help="simulated seconds per rollout group")
-    p.add_argument("--reward-s", type=float, default=0.02, help="simulated seconds per reward batch")
+    p.add_argument("--reward-s", type=float, help="simulated seconds per reward batch (default 0.02)")
     p.add_argument("--reward-replicas", type=int, default=2)
-    p.add_argument("--learner-s", type=float, default=0.05, help="simulated seconds per learner step")
-    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--learner-s", type=float, help="simulated seconds per learner step (default 0.05)")
+    p.add_argument("--groups-per-step", type=int, help="default 8; with --balanced, the actor count")
     p.add_argument("--max-staleness", type=int, default=2)
+    p.add_argument("--per-worker", type=int, default=1, help="simulated: rollouts queued per actor")
+    p.add_argument("--balanced", action="store_true",
+                   help="simulated: reward and learner times such that no stage is the bottleneck "
+                        "(rollout-s / actors = reward-s / replicas = learner-s / groups-per-step)")
+    p.add_argument("--sync", action="store_true", help="simulated: also the synchronous loop, for the speed-up")
+    p.add_argument("--ceiling", action="store_true",
+                   help="simulated: also the most groups/s the pipeline sustains here (stage times ~0) and what bounds it")
+    p.add_argument("--measure-s", type=float, default=30.0,
+                   help="simulated: seconds of work (at the bound) measured per row after a warm-up step")
     p.add_argument("--sim-steps", type=int, help="simulated steps when scaling (default 12)")
     p.add_argument("--scale-at", action="append", metavar="STEP=REPLICAS",
                    help="simulated: request reward replicas at a step through the control actor, as `videorl scale` "
