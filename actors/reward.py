@@ -46,10 +46,16 @@ class RewardWorker:
         self.batches += 1
         return scores
 
-    def score_versioned(self, batch: dict) -> tuple[np.ndarray, str]:
-        """`score` and the model version that gave these scores (an http service's may change between batches); the
-        pool takes both in one object."""
-        return self.score(batch), str(getattr(self.scorer, "version", ""))
+    def score_many(self, *batches: dict) -> tuple[list, str]:
+        """`score` on each batch -> ([its scores, or the DataError naming its bad sample], the model version that gave
+        them: an http service's may change between calls). One call for several groups; an InfraError fails the call."""
+        out = []
+        for batch in batches:
+            try:
+                out.append(self.score(batch))
+            except DataError as e:
+                out.append(e)
+        return out, str(getattr(self.scorer, "version", ""))
 
     def ping(self) -> str:
         return self.name

@@ -73,8 +73,15 @@ class SimulatedReward:
             raise DataError(batch["ids"][0], "simulated bad sample")
         return np.zeros((len(batch["ids"]), 1), np.float32)
 
-    def score_versioned(self, batch: dict) -> tuple[np.ndarray, str]:
-        return self.score(batch), "simulated"
+    def score_many(self, *batches: dict) -> tuple[list, str]:
+        """Each batch takes `reward_s`, as actors.reward.RewardWorker.score_many does them one after another."""
+        out = []
+        for batch in batches:
+            try:
+                out.append(self.score(batch))
+            except DataError as e:
+                out.append(e)
+        return out, "simulated"
 
     def ping(self) -> str:
         return self.name

@@ -35,7 +35,7 @@ from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
 
 SIM_COLUMNS = ["actors", "bound", "throughput", "efficiency", "sync_throughput", "speedup", "stale_fraction",
-               "driver_ms_per_group", "bottleneck", "idle_rollout", "idle_reward", "idle_learner", "balanced", "seconds"]
+               "driver_ms_per_group", "reward_calls_per_group", "bottleneck", "idle_rollout", "idle_reward", "idle_learner", "balanced", "seconds"]
 SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
 SCALE_COLUMNS = ["reward_replicas", "first_step", "last_step", "measured_from_step", "reward_groups_per_s"]
 REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
@@ -61,7 +61,8 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
         up = not starting or len(ray.wait(starting, num_returns=len(starting), timeout=0)[0]) == len(starting)
         return {"t": time.perf_counter(), "cpu": time.process_time(),  # the driver's own CPU seconds
                 "main_cpu": time.thread_time(), "machine_cpu": _machine_cpu(),
-                "scored": pool.counters.scored if pool else 0, "busy": pipe.rollout_busy_s,
+                "scored": pool.counters.scored if pool else 0, "calls": pool.counters.calls if pool else 0,
+                "busy": pipe.rollout_busy_s,
                 "replicas": pool.size if pool else 0, "replicas_up": up, "clocks": pipe.clocks(),
                 "stale": pipe.ledger.balance(set()).get("dropped_stale", 0), "produced": len(pipe.ledger.produced)}
 
@@ -140,7 +141,8 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
     control = control_actor([pool.model], named=named_control)
     try:
         ledger = Ledger()
-        pipe = Pipeline(rollouts, {"simulated": pool}, {"simulated": ["score"]}, PromptCursor(["simulated"], 0),
+        prompts = PromptCursor([f"simulated {i}" for i in range(1000)], 0)  # one shuffle per 1000 groups, as in a run
+        pipe = Pipeline(rollouts, {"simulated": pool}, {"simulated": ["score"]}, prompts,
                         StalenessManager(groups_per_step, max_staleness), ledger, seed=0, per_worker=per_worker)
         marks = drive(pipe, learner, steps, groups_per_step, "score", pool=pool, control=control,
                       rules={pool.model: autoscale}, scale_at=scale_at)
@@ -169,6 +171,7 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
         "stale_fraction": (marks[end]["stale"] - marks[w]["stale"]) / max(1, produced),
         # the driver process's CPU time (every thread: Ray's own included) per consumed group, in the window
         "driver_ms_per_group": 1000 * (marks[end]["cpu"] - marks[w]["cpu"]) / ((end - w) * groups_per_step),
+        "reward_calls_per_group": (marks[end]["calls"] - marks[w]["calls"]) / max(1, marks[end]["scored"] - marks[w]["scored"]),
         "driver_main_ms_per_group": 1000 * (marks[end]["main_cpu"] - marks[w]["main_cpu"]) / ((end - w) * groups_per_step),
         "driver_cpu_util": (marks[end]["cpu"] - marks[w]["cpu"]) / window,  # 1.0: one core busy all the time
         "machine_cpu_util": (marks[end]["machine_cpu"] - marks[w]["machine_cpu"]) / (window * os.cpu_count()),
@@ -284,9 +287,10 @@ def simulated_sweep(actor_counts: tuple[int, ...] = (1, 2, 4, 8, 16), measure_s:
 
 
 def ray_call_floor(n_rollout: int = 8, per_worker: int = 2, groups: int = 2000) -> dict:
-    """What the Ray calls alone cost the driver: the calls the pipeline makes per group (generate with three returns,
-    then score on its batch reference), on the simulated actors with no device time and no orchestration between
-    them -> {"groups_per_s", "driver_ms_per_group", "driver_cpu_util"}."""
+    """What the Ray calls alone cost the driver: a generate call with three returns per group, then a score call on its
+    batch reference (one group per call: the pipeline's reward calls carry several when replicas are busy), on the
+    simulated actors with no device time and no orchestration between them -> {"groups_per_s",
+    "driver_ms_per_group", "driver_cpu_util"}."""
     rollouts, pool, learner = _stages(n_rollout, 1e-9, 1e-9, 1, 1e-9, 1, 0)
     replica = next(iter(pool.replicas.values()))
     done = Completions()
@@ -304,7 +308,7 @@ def ray_call_floor(n_rollout: int = 8, per_worker: int = 2, groups: int = 2000) 
         while finished < groups:
             for (stage, w, batch), _ in done.take(timeout=1.0):
                 if stage == "rollout":
-                    done.watch(replica.score_versioned.remote(batch), ("reward", w, None))
+                    done.watch(replica.score_many.remote(batch), ("reward", w, None))
                     if started < groups:
                         launch(w)
                 else:

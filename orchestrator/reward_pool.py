@@ -10,6 +10,8 @@ Guarantees (tested with a real cluster, killing a replica mid-batch):
   what they hold has finished;
 - `version` is the model version that scored the latest batch (replicas return it with the scores), `versions` every
   one seen;
+- batches queue in the driver and go out several to a call when replicas are busy (`batch_max`, `calls_per_replica`);
+  a bad sample fails only its own batch; a call that fails (replica died, InfraError) retries each of its batches;
 - finished batches are taken from a completion queue (`Completions`), never by scanning what is still running;
   `occupancy` integrates how many replicas hold work (a replica without work is waiting for input: nothing
   downstream ever blocks a reward model).
@@ -18,6 +20,7 @@ Guarantees (tested with a real cluster, killing a replica mid-batch):
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,19 +47,29 @@ class PoolCounters:
     scored: int = 0
     failed: int = 0  # data errors, and infrastructure errors past max_retries
     retried: int = 0
+    calls: int = 0  # calls sent to replicas (each with one or more batches)
 
 
 class RewardPool:
     def __init__(self, model: str, spawn: Callable[[str], "ray.actor.ActorHandle"], replicas: int = 1,
-                 max_retries: int = 5, backoff_s: float = 0.2):
+                 max_retries: int = 5, backoff_s: float = 0.2, batch_max: int = 8, calls_per_replica: int = 2):
+        """batch_max: batches (groups) a replica may get in one call; calls_per_replica: calls a replica holds at most
+        (one running, one waiting behind it, so it never idles for a driver round trip). What queues meanwhile goes
+        out together as one call: at load, fewer driver calls per group (each costs the driver about as much CPU
+        as all its bookkeeping for a group) and bigger batches for a GPU reward model; when idle, one at once."""
+        if batch_max < 1 or calls_per_replica < 1:
+            raise ValueError(f"need batch_max >= 1 and calls_per_replica >= 1, got {batch_max}, {calls_per_replica}")
         self.model = model
         self.spawn = spawn
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.batch_max, self.calls_per_replica = batch_max, calls_per_replica
         self.replicas: dict[str, ray.actor.ActorHandle] = {}
         self.retiring: dict[str, ray.actor.ActorHandle] = {}
-        self.load: dict[str, int] = {}
-        self.running: dict[ray.ObjectRef, _Job] = {}
+        self.load: dict[str, int] = {}  # batches held by each replica
+        self.calls_of: dict[str, int] = {}  # calls each replica holds
+        self.queue: deque[_Job] = deque()  # submitted, waiting for a replica's free call
+        self.calls: dict[ray.ObjectRef, tuple[str, list[_Job]]] = {}  # running call -> (replica, its batches)
         self.waiting: list[_Job] = []  # retries in back-off
         self.counters = PoolCounters()
         self.done = Completions()
@@ -74,17 +87,18 @@ class RewardPool:
             name = f"reward-{self.model}-{self._next_index}"
             self._next_index += 1
             self.replicas[name] = self.spawn(name)
-            self.load[name] = 0
+            self.load[name] = self.calls_of[name] = 0
             self.occupancy.change(units=1)
         for name in sorted(self.replicas, key=lambda r: self.load[r])[: len(self.replicas) - n]:
             self.retiring[name] = self.replicas.pop(name)  # finishes what it holds, then is killed
             self.occupancy.change(units=-1)
         self._reap_retired()
+        self._feed()
 
     def _reap_retired(self) -> None:
-        for name in [r for r in self.retiring if self.load[r] == 0]:
+        for name in [r for r in self.retiring if self.calls_of[r] == 0]:
             ray.kill(self.retiring.pop(name), no_restart=True)
-            del self.load[name]
+            del self.load[name], self.calls_of[name]
 
     @property
     def size(self) -> int:
@@ -92,54 +106,71 @@ class RewardPool:
 
     @property
     def in_flight(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.queue) + sum(self.load.values()) + len(self.waiting)
 
     # -- work -----------------------------------------------------------------------------
     def submit(self, batch_id: str, batch_ref: ray.ObjectRef) -> None:
         self.counters.submitted += 1
-        self._dispatch(_Job(batch_id, batch_ref))
+        self.queue.append(_Job(batch_id, batch_ref))
+        self._feed()
 
-    def _dispatch(self, job: _Job, avoid: str = "") -> None:
-        choices = [r for r in self.replicas if r != avoid] or list(self.replicas)
-        job.replica = min(choices, key=lambda r: self.load[r])
-        self._load(job.replica, +1)
-        ref = self.replicas[job.replica].score_versioned.remote(job.ref)  # -> (scores, model version)
-        self.running[ref] = job
+    def _feed(self) -> None:
+        """Queued batches to replicas with a free call, up to batch_max per call, the least loaded replica first."""
+        while self.queue:
+            free = [r for r in self.replicas if self.calls_of[r] < self.calls_per_replica]
+            if not free:
+                return
+            replica = min(free, key=lambda r: (self.calls_of[r], self.load[r]))
+            self._send(replica, [self.queue.popleft() for _ in range(min(self.batch_max, len(self.queue)))])
+
+    def _send(self, replica: str, jobs: list[_Job]) -> None:
+        for job in jobs:
+            job.replica = replica
+        self.load[replica] += len(jobs)
+        self.calls_of[replica] += 1
+        self.counters.calls += 1
+        if self.calls_of[replica] == 1:
+            self.occupancy.change(busy=1)
+        ref = self.replicas[replica].score_many.remote(*[job.ref for job in jobs])  # -> ([scores | DataError], version)
+        self.calls[ref] = (replica, jobs)
         self.done.watch(ref, ref)
-
-    def _load(self, replica: str, delta: int) -> None:
-        self.load[replica] += delta
-        if self.load[replica] == (1 if delta > 0 else 0):  # the replica got its first batch, or finished its last
-            self.occupancy.change(busy=delta)
 
     def ready(self, timeout: float = 0.0) -> list[tuple[str, object]]:
         """Finished batches as (batch_id, scores float32 [N, D], or a DataError / InfraError); waits up to `timeout` s."""
         now = time.monotonic()
-        for job in [j for j in self.waiting if j.not_before <= now]:
+        for job in [j for j in self.waiting if j.not_before <= now]:  # a retry goes to another replica, on its own
             self.waiting.remove(job)
-            self._dispatch(job, avoid=job.replica)
-        if not self.running:
+            self._send(min([r for r in self.replicas if r != job.replica] or list(self.replicas),
+                           key=lambda r: self.load[r]), [job])
+        if not self.calls:
             return []
         out = []
         for ref, fut in self.done.take(timeout):
-            job = self.running.pop(ref)
-            self._load(job.replica, -1)
+            replica, jobs = self.calls.pop(ref)
+            self.load[replica] -= len(jobs)
+            self.calls_of[replica] -= 1
+            if self.calls_of[replica] == 0:
+                self.occupancy.change(busy=-1)
             try:
-                scores, self.version = fut.result()
-                out.append((job.batch_id, scores))
-                self.counters.scored += 1
-                if self.version not in self.versions:
-                    self.versions.append(self.version)
-            except DataError as e:
-                out.append((job.batch_id, e))
-                self.counters.failed += 1
-            except (RayActorError, InfraError) as e:
-                if job.attempt >= self.max_retries:
-                    out.append((job.batch_id, InfraError(f"batch {job.batch_id} failed {job.attempt + 1} times on {self.model}: {e}")))
+                results, self.version = fut.result()
+            except (RayActorError, InfraError) as e:  # the whole call: every batch in it is retried (or given up)
+                for job in jobs:
+                    if job.attempt >= self.max_retries:
+                        out.append((job.batch_id, InfraError(f"batch {job.batch_id} failed {job.attempt + 1} times on {self.model}: {e}")))
+                        self.counters.failed += 1
+                    else:
+                        self._retry(job)
+                continue
+            if self.version not in self.versions:
+                self.versions.append(self.version)
+            for job, result in zip(jobs, results):
+                out.append((job.batch_id, result))
+                if isinstance(result, DataError):
                     self.counters.failed += 1
                 else:
-                    self._retry(job)
+                    self.counters.scored += 1
         self._reap_retired()
+        self._feed()
         return out
 
     def _retry(self, job: _Job) -> None:

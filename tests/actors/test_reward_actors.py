@@ -56,7 +56,7 @@ def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_
         while not results:  # the first results are back ...
             results += pool.ready(timeout=0.05)
         in_flight_on_victim = pool.load["reward-kill-0"]
-        assert in_flight_on_victim >= 3  # ... and the victim still holds work (12 were queued on it)
+        assert in_flight_on_victim >= 3  # ... and the victim still holds work (the queue goes out in calls of up to 8)
         ray.kill(victim, no_restart=False)
         results += pool.drain(timeout=60)
 
@@ -138,7 +138,7 @@ def test_an_infra_error_on_one_replica_is_retried_on_another(ray_cluster):
             ray.get(pool.replicas["reward-infra-0"].score.remote(ref), timeout=30)
         assert not isinstance(err.value, DataError)
         pool.submit("flaky", ref)
-        assert [j.replica for j in pool.running.values()] == ["reward-infra-0"]  # it lands on the bad device
+        assert [j.replica for _, jobs in pool.calls.values() for j in jobs] == ["reward-infra-0"]  # on the bad device
         for bid in ("b00", "b02"):
             pool.submit(bid, ray.put(batches[bid]))
         got = _collect(pool.drain(timeout=60))
@@ -167,7 +167,7 @@ def test_scaling_up_takes_work_at_once_and_scaling_down_waits_for_in_flight_work
             pool.submit(bid, ray.put(batches[bid]))
         got = _collect(pool.drain(timeout=60))
         stats = ray.get([h.stats.remote() for h in pool.replicas.values()], timeout=30)
-        assert [s["batches"] for s in stats] == [3, 3, 3]  # the new replicas took their share at once
+        assert sum(s["batches"] for s in stats) == 9 and min(s["batches"] for s in stats) >= 2  # the new ones took work at once
 
         rest = sorted(batches)[9:]
         for bid in rest:
