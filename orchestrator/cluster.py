@@ -33,18 +33,18 @@ def connect(cfg: Config, address: str | None = None) -> None:
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         return
-    missing = get_dashboard_dependency_error()  # the check Ray itself makes: a minimal install has no dashboard
-    ctx = ray.init(address="local", num_cpus=cfg.ray.num_cpus, namespace=NAMESPACE, include_dashboard=missing is None,
+    off = None if cfg.ray.dashboard else "ray.dashboard=false"
+    if off is None and (missing := get_dashboard_dependency_error()):  # the check Ray makes: a minimal install has none
+        off = f"pip install 'ray[default]' for it: {missing}"
+    ctx = ray.init(address="local", num_cpus=cfg.ray.num_cpus, namespace=NAMESPACE, include_dashboard=off is None,
                    dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False)
-    print(dashboard_line(ctx.dashboard_url, ctx.address_info["metrics_export_port"], missing), flush=True)
+    print(dashboard_line(ctx.dashboard_url, ctx.address_info["metrics_export_port"], off), flush=True)
 
 
-def dashboard_line(url: str | None, metrics_port: int, missing: ImportError | None) -> str:
-    """What a local run says about its dashboard and its Prometheus endpoint (README "Watching a run")."""
+def dashboard_line(url: str | None, metrics_port: int, off: str | None) -> str:
+    """What a local run says about its dashboard (off: why not) and its Prometheus endpoint (README "Watching a run")."""
     metrics = f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics"
-    if url:
-        return f"Ray dashboard: http://{url}  ({metrics})"
-    return f"Ray dashboard: off, pip install 'ray[default]' for it ({missing})  ({metrics})"
+    return f"Ray dashboard: http://{url}  ({metrics})" if url else f"Ray dashboard: off ({off})  ({metrics})"
 
 
 @dataclass

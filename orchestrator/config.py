@@ -257,6 +257,7 @@ class RayConfig(Section):
     learner_workers: int = Field(1, ge=1)  # learner ranks (learner.parallel: ddp replicas or fsdp2 shards)
     placement: Literal["pack", "spread"] = "pack"  # the learner ranks' placement group strategy
     num_cpus: int | None = None  # local cluster size (None: all cores)
+    dashboard: bool = True  # a local cluster runs the Ray dashboard (off: its processes' CPU stays with the run)
 
 
 class WeightsConfig(Section):

@@ -52,7 +52,7 @@ class PoolCounters:
 
 class RewardPool:
     def __init__(self, model: str, spawn: Callable[[str], "ray.actor.ActorHandle"], replicas: int = 1,
-                 max_retries: int = 5, backoff_s: float = 0.2, batch_max: int = 8, calls_per_replica: int = 2):
+                 max_retries: int = 5, backoff_s: float = 0.2, batch_max: int = 4, calls_per_replica: int = 2):
         """batch_max: batches (groups) a replica may get in one call; calls_per_replica: calls a replica holds at most
         (one running, one waiting behind it, so it never idles for a driver round trip). What queues meanwhile goes
         out together as one call: at load, fewer driver calls per group (each costs the driver about as much CPU
@@ -115,13 +115,16 @@ class RewardPool:
         self._feed()
 
     def _feed(self) -> None:
-        """Queued batches to replicas with a free call, up to batch_max per call, the least loaded replica first."""
+        """Queued batches to replicas with a free call, the least loaded replica first. A call takes the queue's
+        share of one replica (at most batch_max): a call's results come back together when it ends, so a call
+        bigger than its share would hold results back that another replica could have given sooner."""
         while self.queue:
             free = [r for r in self.replicas if self.calls_of[r] < self.calls_per_replica]
             if not free:
                 return
             replica = min(free, key=lambda r: (self.calls_of[r], self.load[r]))
-            self._send(replica, [self.queue.popleft() for _ in range(min(self.batch_max, len(self.queue)))])
+            share = min(self.batch_max, -(-len(self.queue) // len(self.replicas)))
+            self._send(replica, [self.queue.popleft() for _ in range(share)])
 
     def _send(self, replica: str, jobs: list[_Job]) -> None:
         for job in jobs:

@@ -56,7 +56,7 @@ def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_
         while not results:  # the first results are back ...
             results += pool.ready(timeout=0.05)
         in_flight_on_victim = pool.load["reward-kill-0"]
-        assert in_flight_on_victim >= 3  # ... and the victim still holds work (the queue goes out in calls of up to 8)
+        assert in_flight_on_victim >= 3  # ... and the victim still holds work (the queue goes out in calls of up to batch_max)
         ray.kill(victim, no_restart=False)
         results += pool.drain(timeout=60)
 

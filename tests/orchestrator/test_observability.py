@@ -212,3 +212,18 @@ def test_every_grafana_panel_metric_is_in_prometheus_during_a_run(local_run):
         time.sleep(2)
     assert not gone, f"panel metrics not exported during the run: {sorted(gone)}"
     assert local_run["proc"].poll() is None, "metrics must be checked while the run is going"
+
+
+def test_ray_dashboard_false_starts_the_local_cluster_without_it(tmp_path):
+    """`ray.dashboard=false`: no dashboard process takes the run's CPU (what `videorl bench pipeline --mode real` on 2
+    cores wants); the run says so in the line that otherwise carries the URL."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([str(BIN / "videorl"), "bench", "pipeline", "--mode", "simulated", "--actors", "1",
+                          "--rollout-s", "0.05", "--reward-s", "0.01", "--learner-s", "0.01", "--measure-s", "0.2",
+                          "--out", str(tmp_path), "ray.dashboard=false"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("Ray dashboard:")]
+    assert len(lines) == 1 and lines[0].startswith("Ray dashboard: off (ray.dashboard=false)"), out.stdout
+    assert "http://127.0.0.1:8265" not in out.stdout
+    assert json.loads((tmp_path / "bench_pipeline.json").read_text())["simulated"]["rows"][0]["actors"] == 1
