@@ -97,7 +97,7 @@ def _rate(marks: list[dict], a: int, b: int, key: str) -> float | None:
 
 def _stages(n_rollout: int, rollout_s: float, reward_s: float, reward_replicas: int, learner_s: float,
             groups_per_step: int, max_staleness: int):
-    """Validated simulated stages -> (rollout actors, the reward pool "simulated", learner, control actor)."""
+    """Validated simulated stages, started -> (rollout actors, the reward pool "simulated", the learner)."""
     if n_rollout < 1 or reward_replicas < 1 or groups_per_step < 1 or max_staleness < 0:
         raise ValueError(f"need n_rollout, reward_replicas, groups_per_step >= 1 and max_staleness >= 0, got "
                          f"{n_rollout}, {reward_replicas}, {groups_per_step}, {max_staleness}")
@@ -194,7 +194,7 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
 
 
 def simulated_sync(n_rollout: int, rollout_s: float = 1.0, reward_s: float = 0.02, reward_replicas: int = 2,
-                   learner_s: float = 0.05, groups_per_step: int = 8, steps: int = 4, warmup_steps: int = 1, **_) -> dict:
+                   learner_s: float = 0.05, groups_per_step: int = 8, steps: int = 4, warmup_steps: int = 1) -> dict:
     """The synchronous loop (flow_grpo, DanceGRPO) on the same simulated stages: each step generates its groups on
     the rollout actors, then scores them all, then trains, then publishes -> {"throughput": groups/s, "seconds"}."""
     rollouts, pool, learner = _stages(n_rollout, rollout_s, reward_s, reward_replicas, learner_s, groups_per_step, 0)
