@@ -299,7 +299,8 @@ class Pipeline:
             self.rollout_clock.change(busy=-1)
         try:
             meta = result.result()
-        except RayActorError:
+        except RayActorError:  # the rollout actor died, or the weights it fetched are from a learner that did
+            self._raise_if_learner_died()  # (then every re-run would fail the same way: the run restarts the learner)
             self._retry_rollout(group)
             return
         if meta["version"] < max(group.version, 0):

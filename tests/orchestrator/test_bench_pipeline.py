@@ -224,3 +224,26 @@ def test_weights_travel_with_the_work(ray_cluster):
         pool.shutdown()
         for handle in [*rollouts, learner]:
             ray.kill(handle, no_restart=True)
+
+
+def test_weights_from_a_dead_learner_end_the_pipeline_instead_of_re_running_forever(ray_cluster):
+    """Rollout actors fetch a version's weights themselves: when the learner died making that version, every
+    generate fails on it. The pipeline must raise the learner's death (the run restarts the learner) rather than
+    re-run the groups on the same broken weights for ever (CI hung this way in test_faults once)."""
+    rollouts = [simulated_rollout_actor(i, 0.01) for i in range(2)]
+    pool = RewardPool("r", lambda name: simulated_reward_actor(name, 0.005), 1)
+    learner = simulated_learner_actor(0.005)
+    try:
+        pipe = Pipeline(rollouts, {"r": pool}, {"r": ["score"]}, PromptCursor(["p"], 0), StalenessManager(2, 1),
+                        Ledger(), seed=0)
+        ray.get(learner.ping.remote())
+        ray.kill(learner, no_restart=True)
+        pipe.publish(0, learner.weights.remote())  # fails: its learner is gone
+        with pytest.raises(ray.exceptions.RayActorError):
+            for _ in range(200):
+                pipe.pump(0, timeout=0.05)
+        assert pipe.ledger.retried <= 2  # at most the groups in flight when it was noticed
+    finally:
+        pool.shutdown()
+        for handle in rollouts:
+            ray.kill(handle, no_restart=True)
