@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from actors.failures import InfraError
-from rewards.errors import DataError
+from rewards.errors import DataError, score_each
 from rewards.scorer import BATCH_KEYS, RewardScorer
 
 
@@ -49,13 +49,7 @@ class RewardWorker:
     def score_many(self, *batches: dict) -> tuple[list, str]:
         """`score` on each batch -> ([its scores, or the DataError naming its bad sample], the model version that gave
         them: an http service's may change between calls). One call for several groups; an InfraError fails the call."""
-        out = []
-        for batch in batches:
-            try:
-                out.append(self.score(batch))
-            except DataError as e:
-                out.append(e)
-        return out, str(getattr(self.scorer, "version", ""))
+        return score_each(self.score, batches), str(getattr(self.scorer, "version", ""))
 
     def ping(self) -> str:
         return self.name

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import ray
 
-from rewards.errors import DataError
+from rewards.errors import DataError, score_each
 
 SIM_CPUS = 0.01  # so 16 rollout actors, the reward replicas and the learner fit on a 2-CPU node
 
@@ -75,13 +75,7 @@ class SimulatedReward:
 
     def score_many(self, *batches: dict) -> tuple[list, str]:
         """Each batch takes `reward_s`, as actors.reward.RewardWorker.score_many does them one after another."""
-        out = []
-        for batch in batches:
-            try:
-                out.append(self.score(batch))
-            except DataError as e:
-                out.append(e)
-        return out, "simulated"
+        return score_each(self.score, batches), "simulated"
 
     def ping(self) -> str:
         return self.name

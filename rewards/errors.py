@@ -21,6 +21,18 @@ class DataError(ValueError):
         return DataError, (self.sample_id, self.problem)
 
 
+def score_each(score, batches) -> list:
+    """score(batch) for each batch -> [its scores, or the DataError naming its bad sample]: one bad sample fails only
+    its own batch when several travel in one call (anything else still raises and fails the call)."""
+    out = []
+    for batch in batches:
+        try:
+            out.append(score(batch))
+        except DataError as e:
+            out.append(e)
+    return out
+
+
 def check_videos(videos: np.ndarray, ids: list[str], frame_shape: tuple[int, int, int, int]) -> None:
     """Raise DataError naming the first sample that is not a [T, H, W, 3] clip of `frame_shape`."""
     if len(ids) != len(videos):
