@@ -7,7 +7,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -76,38 +75,6 @@ def wait_for(predicate, seconds: float, what: str):
 
 
 # -- progress in `ray job logs` --------------------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture
-def head_node():
-    """A head node of our own with a dashboard (the session's cluster has none, to start fast), on free ports;
-    stopped after the test."""
-    gcs, dash, agent_http, agent_grpc, metrics, runtime_env, client, node_manager, object_manager = free_ports(9)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--disable-usage-stats",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-           f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-           f"--object-manager-port={object_manager}"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield f"http://127.0.0.1:{dash}", env
-    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
 
 def ray_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
