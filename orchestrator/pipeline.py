@@ -44,7 +44,6 @@ Scheduling at scale (64+ rollout actors on one driver):
 from __future__ import annotations
 
 import heapq
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence

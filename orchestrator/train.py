@@ -35,8 +35,8 @@ import ray
 import yaml
 from tqdm import tqdm
 
-from orchestrator.autoscale import restore_scaling, scale_step, scaling_state
 from actors.failures import LearnerCrashLoop
+from orchestrator.autoscale import restore_scaling, scale_step, scaling_state
 from orchestrator.chaos import ChaosMonkey
 from orchestrator.checkpoint import (Checkpoint, latest_checkpoint, restore_rng, rng_state, save_checkpoint,
                                      seed_global_rngs)
