@@ -46,7 +46,9 @@ def _collect(results):
 
 def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_cluster):
     batches = _batches(24)
-    pool = RewardPool("kill", _spawner(delay_s=0.1), replicas=2, backoff_s=0.05)
+    # every batch its own call, sent at once (12 queued on each replica, none left in the driver to reach the
+    # restarted victim): what a replica holds when it dies is what this test is about
+    pool = RewardPool("kill", _spawner(delay_s=0.1), replicas=2, backoff_s=0.05, batch_max=1, calls_per_replica=24)
     try:
         victim = pool.replicas["reward-kill-0"]
         before = ray.get(victim.stats.remote(), timeout=30)
@@ -56,7 +58,7 @@ def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_
         while not results:  # the first results are back ...
             results += pool.ready(timeout=0.05)
         in_flight_on_victim = pool.load["reward-kill-0"]
-        assert in_flight_on_victim >= 3  # ... and the victim still holds work (the queue goes out in calls of up to batch_max)
+        assert in_flight_on_victim >= 3  # ... and the victim still holds work
         ray.kill(victim, no_restart=False)
         results += pool.drain(timeout=60)
 
@@ -121,6 +123,29 @@ class _ReplicaWithBadDevice(RewardWorker):
         super().__init__(name, kind, checkpoint, delay_s)
         if name.endswith("-0"):
             self.scorer = _FaultyDevice(self.scorer)
+
+
+def test_a_replica_killed_holding_a_call_of_several_batches_has_each_of_them_retried(ray_cluster):
+    batches = _batches(24, seed=3)
+    pool = RewardPool("multi", _spawner(delay_s=0.1), replicas=2, backoff_s=0.05, batch_max=4)
+    try:
+        for bid, b in batches.items():
+            pool.submit(bid, ray.put(b))
+        results, held = [], []
+        while not held:  # until the victim holds a call of more than one batch
+            results += pool.ready(timeout=0.02)
+            held = [jobs for replica, jobs in pool.calls.values() if replica == "reward-multi-0" and len(jobs) > 1]
+        ray.kill(pool.replicas["reward-multi-0"], no_restart=False)
+        results += pool.drain(timeout=60)
+        got, direct = _collect(results), _direct(batches)
+        assert sorted(got) == sorted(batches)  # every batch id exactly once
+        for bid in batches:
+            np.testing.assert_array_equal(got[bid], direct[bid])
+        c = pool.counters
+        assert c.retried >= len(held[0]) - 1 and (c.submitted, c.scored, c.failed) == (24, 24, 0)
+        assert c.calls < 24  # several batches per call
+    finally:
+        pool.shutdown()
 
 
 def test_an_infra_error_on_one_replica_is_retried_on_another(ray_cluster):

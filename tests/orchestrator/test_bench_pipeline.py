@@ -181,10 +181,12 @@ def test_balanced_sweep_with_sync_from_the_cli(ray_cluster, tmp_path):
     from orchestrator.cli import main
 
     assert main(["bench", "pipeline", "--mode", "simulated", "--actors", "4", "--balanced", "--sync", "--rollout-s",
-                 "0.2", "--measure-s", "3", "--out", str(tmp_path)]) == 0
+                 "0.2", "--measure-s", "3", "--per-worker", "2", "--out", str(tmp_path)]) == 0
     import json
 
-    [row] = json.loads((tmp_path / "bench_pipeline.json").read_text())["simulated"]["rows"]
+    sweep = json.loads((tmp_path / "bench_pipeline.json").read_text())["simulated"]
+    [row] = sweep["rows"]
+    assert sweep["runs"][0]["settings"]["per_worker"] == 2
     assert {"actors", "throughput", "bound", "efficiency", "stale_fraction", "driver_ms_per_group", "idle"} <= set(row)
     assert row["actors"] == 4 and row["bound"] == pytest.approx(20.0)  # 4 actors / 0.2 s
     assert row["efficiency"] > 0.8 and row["stale_fraction"] == 0.0
@@ -247,3 +249,36 @@ def test_weights_from_a_dead_learner_end_the_pipeline_instead_of_re_running_fore
         pool.shutdown()
         for handle in rollouts:
             ray.kill(handle, no_restart=True)
+
+
+@pytest.mark.parametrize("per_worker", [1, 2])
+def test_per_worker_is_the_rollouts_each_actor_holds(ray_cluster, per_worker):
+    """`--per-worker` / Pipeline(per_worker): with room in the staleness capacity, each actor gets that many groups."""
+    rollouts = [simulated_rollout_actor(i, 0.5) for i in range(2)]
+    pool = RewardPool("r", lambda name: simulated_reward_actor(name, 0.005), 1)
+    try:
+        pipe = Pipeline(rollouts, {"r": pool}, {"r": ["score"]}, PromptCursor(["p"], 0), StalenessManager(8, 1),
+                        Ledger(), seed=0, per_worker=per_worker)
+        pipe.pump(0)
+        assert pipe.worker_loads() == [per_worker, per_worker] and pipe.next_group == 2 * per_worker
+        pipe.close()
+    finally:
+        pool.shutdown()
+        for handle in rollouts:
+            ray.kill(handle, no_restart=True)
+
+
+def test_the_ceiling_is_measured_beside_the_bare_ray_calls(ray_cluster, tmp_path):
+    """`--ceiling`: the pipeline with every stage ~0 s and the same Ray calls without orchestration, in one process."""
+    import json
+
+    from orchestrator.cli import main
+
+    assert main(["bench", "pipeline", "--mode", "simulated", "--actors", "2", "--rollout-s", "0.05", "--measure-s",
+                 "0.2", "--ceiling", "--out", str(tmp_path)]) == 0
+    top = json.loads((tmp_path / "bench_pipeline.json").read_text())["ceiling"]
+    pipe, floor = top["pipeline"], top["ray_calls_only"]
+    assert pipe["balanced"] and top["settings"]["per_worker"] == 2 and top["settings"]["rollout_s"] < 1e-3
+    assert pipe["driver_ms_per_group"] >= pipe["driver_main_ms_per_group"] > 0 and floor["driver_ms_per_group"] > 0
+    assert top["orchestration_ms_per_group"] == pytest.approx(pipe["driver_ms_per_group"] - floor["driver_ms_per_group"])
+    assert 0 < pipe["machine_cpu_util"] <= 1.0 and floor["groups_per_s"] > 0
