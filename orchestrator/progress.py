@@ -26,12 +26,14 @@ def redraw_every(seconds: float) -> None:
 
     tqdm reads TQDM_MININTERVAL only when it is imported (its envwrap turns TQDM_* into default keywords of
     tqdm.__init__), which is before `videorl` could set it; so the defaults are replaced here the same way.
-    maxinterval too: tqdm's monitor thread would otherwise redraw a slow bar every 10 s. (A bar's `set_postfix` must
-    pass refresh=False, or it redraws at once whatever the interval.)
+    maxinterval too: tqdm's monitor thread would otherwise redraw a slow bar every 10 s. And `set_postfix` redraws at
+    once by default whatever the interval (the reward-model and engagement bars set one every step): its default
+    becomes refresh=False, so the postfix shows with the next redraw.
     """
     from tqdm import std
 
     _defaults(std.tqdm, "__init__", mininterval=seconds, maxinterval=seconds)
+    _defaults(std.tqdm, "set_postfix", refresh=False)
 
 
 def _defaults(cls, method: str, **keywords) -> None:
