@@ -281,4 +281,4 @@ def test_the_ceiling_is_measured_beside_the_bare_ray_calls(ray_cluster, tmp_path
     assert pipe["balanced"] and top["settings"]["per_worker"] == 2 and top["settings"]["rollout_s"] < 1e-3
     assert pipe["driver_ms_per_group"] >= pipe["driver_main_ms_per_group"] > 0 and floor["driver_ms_per_group"] > 0
     assert top["orchestration_ms_per_group"] == pytest.approx(pipe["driver_ms_per_group"] - floor["driver_ms_per_group"])
-    assert 0 < pipe["machine_cpu_util"] <= 1.0 and floor["groups_per_s"] > 0
+    assert 0 < pipe["machine_cpu_util"] <= 1.05 and floor["groups_per_s"] > 0  # all cores busy at most (10 ms ticks)
