@@ -330,7 +330,7 @@ def sft_dataset(n: int, seed: int, frames: int = 8, size: int = 16, flaws: FlawC
 
 # ---------------------------------------------------------------- degradations for preference data
 
-DEGRADATIONS = ("noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra")
+DEGRADATIONS = ("noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra", "shape", "grow")
 
 
 def _check_video(video: np.ndarray) -> np.ndarray:
@@ -345,6 +345,35 @@ def _check_video(video: np.ndarray) -> np.ndarray:
 def _object_region(video: np.ndarray) -> np.ndarray:
     """bool [T, H, W]: pixels brighter than 0.15 (max channel), grown by one pixel (anti-aliased edges)."""
     return ndimage.binary_dilation(video.max(-1) > 0.15, structure=np.ones((1, 3, 3), bool))
+
+
+def _object_centroids(alpha: np.ndarray) -> np.ndarray:
+    """Coverage-weighted centroid (row, col) per frame of alpha [T, H, W] -> [T, 2] (frame centre when empty)."""
+    size = alpha.shape[1]
+    grid = np.arange(size) + 0.5
+    mass = np.maximum(alpha.sum((1, 2)), 1e-9)
+    rows, cols = (alpha.sum(2) * grid).sum(1) / mass, (alpha.sum(1) * grid).sum(1) / mass
+    empty = alpha.sum((1, 2)) < 1e-6
+    return np.where(empty[:, None], size / 2, np.stack([rows, cols], 1))
+
+
+def _morph(video: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    alpha = video.max(-1)
+    centres = _object_centroids(alpha)
+    core = alpha >= 0.5
+    colour = (video[core] / alpha[core][:, None]).mean(0) if core.any() else np.ones(3, np.float32)
+    templates = {shape: shape_alpha(shape, centres, video.shape[1]) for shape in SHAPES}
+    iou = {k: np.minimum(alpha, t).sum() / max(np.maximum(alpha, t).sum(), 1e-9) for k, t in templates.items()}
+    current = max(iou, key=iou.get)
+    other = str(rng.choice([k for k in SHAPES if k != current]))
+    return video + (s * (templates[other] - alpha))[..., None] * colour
+
+
+def _grow(video: np.ndarray, factor: float) -> np.ndarray:
+    centres = _object_centroids(video.max(-1))
+    return np.stack([np.stack([ndimage.affine_transform(video[t, :, :, ch], np.full(2, 1 / factor),
+                                                        offset=c - 0.5 - (c - 0.5) / factor, order=1)
+                               for ch in range(3)], -1) for t, c in enumerate(centres)])
 
 
 def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -398,6 +427,10 @@ def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Genera
             background = video[t][~region[t]]
             fill = np.median(background, axis=0) if background.size else np.zeros(3, np.float32)
             out[t][region[t]] = fill
+    elif kind == "shape":
+        out = _morph(video, s, rng)
+    elif kind == "grow":
+        out = _grow(video, 1.0 + 0.5 * s)
     else:  # extra
         layer = video * _object_region(video)[..., None]
         step = int(round(object_size(size))) + 2

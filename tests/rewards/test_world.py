@@ -276,5 +276,14 @@ def test_degrade_kinds_at_full_strength(clip):
     shaken = degrade(clip, "jitter", 1.0, rng)
     assert np.abs(np.diff(centroids(shaken), 2, axis=0)).max() > 0.5
 
+    morphed = degrade(clip, "shape", 1.0, rng)  # a square drawn as a circle or a triangle, same colour and track
+    np.testing.assert_allclose(centroids(morphed)[:, 1], c[:, 1], atol=0.05)
+    iou = np.minimum(morphed.max(-1), clip.max(-1)).sum() / np.maximum(morphed.max(-1), clip.max(-1)).sum()
+    assert iou < 0.8 and np.abs(morphed[morphed.max(-1) > 0.99] - COLOURS["green"]).max() < 1e-5
+
+    grown = degrade(clip, "grow", 0.5, rng)  # scaled 1.25x about the centroid: area x 1.5625, same track
+    assert grown.max(-1).sum() == pytest.approx(1.5625 * clip.max(-1).sum(), rel=0.03)
+    np.testing.assert_allclose(centroids(grown), c, atol=0.05)
+
     grey = np.full((8, 16, 16, 3), 0.5, np.float32)
     assert np.std(degrade(grey, "noise", 0.5, rng) - grey) == pytest.approx(0.15, abs=0.005)  # std 0.3 * strength
