@@ -191,6 +191,7 @@ def _per_prompt(res) -> dict[str, dict[str, float]]:
 def cmd_train(args) -> None:
     from orchestrator.tables import format_table
     from orchestrator.train import run_training
+    from rewards.oracle import TERMS
 
     cfg = _config(args)
     run_dir = Path(args.resume or cfg.train.run_dir)
@@ -206,6 +207,10 @@ def cmd_train(args) -> None:
     rows = [{"policy": k, **o[k]} for k in ("before", "after")]
     rows.append({"policy": "change", **{d: o["after"][d] - o["before"][d] for d in o["after"]}})
     print("held-out oracle\n" + format_table(rows, ["policy", "vq", "mq", "ta", "overall"]))
+    t = summary["oracle_terms"]
+    rows = [{"dimension": dim, "term": term, "before": t["before"][term], "after": t["after"][term],
+             "change": t["after"][term] - t["before"][term]} for dim, names in TERMS.items() for term in names]
+    print("\nheld-out oracle terms\n" + format_table(rows, ["dimension", "term", "before", "after", "change"]))
     cons = [{"constraint": c, **v} for c, v in summary["constraints"].items()]
     if cons:
         print("\nconstraints\n" + format_table(cons, ["constraint", "tau", "final", "satisfied", "training_batches"]))

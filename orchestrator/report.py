@@ -6,7 +6,7 @@ Reads `metrics.parquet` (orchestrator.metrics), `summary.json` and `samples/befo
 Plots also land as PNG in `run_dir/plots/`. Matplotlib is used through `Figure` only (Agg, no pyplot state).
 
 summary.json, as read here (extra keys are shown in an "other" table):
-  {"oracle": {"before": {"vq", "mq", "ta", "overall"}, "after": {...}},
+  {"oracle": {"before": {"vq", "mq", "ta", "overall"}, "after": {...}}, "oracle_terms": {"before": {term: x}, ...},
    "constraints": {name: {"tau", "final", "satisfied"}}, "ledger": {counter: n}, "throughput": {name: value}}
 """
 
@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from orchestrator.media import video_grid
 from orchestrator.metrics import METRICS_FILE, read_metrics
+from rewards.oracle import TERMS
 
 ORACLE_DIMS = ("vq", "mq", "ta", "overall")
 CONSTRAINT_KEYS = ("tau", "final", "satisfied")
@@ -201,19 +202,26 @@ def _flat(d: dict, prefix: str = "") -> list[list]:
     return rows
 
 
+def _before_after(title: str, table: dict, order: tuple[str, ...], label: str) -> str:
+    """A before / after / Δ table of {"before": {name: x}, "after": {...}}; `order` first, other names after."""
+    before, after = table.get("before") or {}, table.get("after") or {}
+    names = [d for d in order if d in before or d in after]
+    names += sorted((set(before) | set(after)) - set(names))
+    rows = []
+    for d in names:
+        b, a = before.get(d), after.get(d)
+        delta = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        rows.append([d, b, a, delta])
+    return f"<h3>{title}</h3>" + _table([label, "before", "after", "Δ"], rows)
+
+
 def _summary_html(summary: dict) -> str:
     parts = []
-    oracle = summary.get("oracle") or {}
-    if oracle:
-        before, after = oracle.get("before") or {}, oracle.get("after") or {}
-        dims = [d for d in ORACLE_DIMS if d in before or d in after]
-        dims += sorted((set(before) | set(after)) - set(dims))
-        rows = []
-        for d in dims:
-            b, a = before.get(d), after.get(d)
-            delta = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
-            rows.append([d, b, a, delta])
-        parts.append("<h3>Oracle (held-out prompts)</h3>" + _table(["dimension", "before", "after", "Δ"], rows))
+    if summary.get("oracle"):
+        parts.append(_before_after("Oracle (held-out prompts)", summary["oracle"], ORACLE_DIMS, "dimension"))
+    if summary.get("oracle_terms"):  # which of each dimension's three terms moved
+        parts.append(_before_after("Oracle terms (held-out prompts)", summary["oracle_terms"],
+                                   tuple(t for names in TERMS.values() for t in names), "term"))
     constraints = summary.get("constraints") or {}
     if constraints:
         extra = sorted({k for c in constraints.values() for k in c} - set(CONSTRAINT_KEYS))
@@ -223,7 +231,7 @@ def _summary_html(summary: dict) -> str:
     for key, title in (("ledger", "Ledger"), ("throughput", "Throughput")):
         if summary.get(key):
             parts.append(f"<h3>{title}</h3>" + _table(["name", "value"], _flat(summary[key])))
-    other = {k: v for k, v in summary.items() if k not in ("oracle", "constraints", "ledger", "throughput")}
+    other = {k: v for k, v in summary.items() if k not in ("oracle", "oracle_terms", "constraints", "ledger", "throughput")}
     if other:
         parts.append("<h3>Other</h3>" + _table(["name", "value"], _flat(other)))
     return "".join(parts)

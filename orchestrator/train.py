@@ -47,6 +47,7 @@ from orchestrator.metrics import DashboardMetrics, MetricsLog
 from orchestrator.pipeline import BroadcastSync, Group, Pipeline, PromptCursor
 from orchestrator.staleness import StalenessManager
 from rewards.curriculum import SelfPacedCurriculum, check_curriculum_rewards
+from rewards.oracle import score_terms
 
 
 class Run:
@@ -373,13 +374,14 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
         actors.shutdown()
     e = cfg.eval
     model = inputs.base.load()
-    scores = {}
+    scores, terms = {}, {}
     for when, weights in (("before", None), ("after", final)):
         if weights is not None:
             model.load_trainable_state(weights)
         res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, shift=e.shift, mode=cfg.rollout.mode,
                        seeds_per_prompt=e.seeds_per_prompt, seed=e.seed)
         scores[when] = res.means()
+        terms[when] = {k: float(np.mean(v)) for k, v in score_terms(res.videos, res.prompts).items()}
         (run_dir / "samples").mkdir(exist_ok=True)
         np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
     model.save(run_dir / "final")
@@ -389,6 +391,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     last_quarter = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
     summary = {
         "oracle": scores,
+        "oracle_terms": terms,  # the nine terms each dimension averages (rewards.oracle.TERMS): what moved, and how
         "constraints": {c: {"tau": tau, "final": held_out.get(c, float("nan")), "satisfied": held_out.get(c, float("-inf")) >= tau,
                             "training_batches": last_quarter.get(c, float("nan")), "skipped_samples": len(skipped)}
                         for c, tau in inputs.taus.items()},

@@ -17,6 +17,7 @@ SUMMARY = {
         "before": {"vq": 0.5123, "mq": 0.4411, "ta": 0.3302, "overall": 0.4279},
         "after": {"vq": 0.6789, "mq": 0.5567, "ta": 0.7011, "overall": 0.6456},
     },
+    "oracle_terms": {"before": {"shape": 0.6962, "smoothness": 0.2511}, "after": {"shape": 0.5548, "smoothness": 0.2183}},
     "constraints": {"vq": {"tau": 0.6125, "final": 0.6503, "satisfied": True},
                     "ta": {"tau": 0.7250, "final": 0.7011, "satisfied": False}},
     "ledger": {"produced": 48, "consumed": 44, "dropped": 4, "lost": 0, "balanced": True},
@@ -64,6 +65,8 @@ def test_report_embeds_plots_gifs_prompts_and_oracle_numbers(tmp_path):
     for v in ("0.5123", "0.6789", "0.3302", "0.7011", "0.6456", "0.6125", "0.7250"):
         assert v in page
     assert "0.3709" in page  # ta delta after - before
+    terms = page[page.index("Oracle terms"):page.index("Constraints")]  # its own table, in TERMS order
+    assert terms.index("smoothness") < terms.index("shape") and "-0.1414" in terms and "-0.0328" in terms
     assert "Note:" not in page
     assert sorted(p.name for p in (run / "plots").glob("*.png")) == [
         "constraints.png", "kl_losses.png", "rewards.png", "throughput.png"]

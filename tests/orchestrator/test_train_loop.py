@@ -11,6 +11,7 @@ from orchestrator.inputs import held_out_reward_means
 from orchestrator.metrics import read_metrics
 from orchestrator.train import run_training
 from policy.backend import load_policy
+from rewards.oracle import TERMS
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,9 @@ def test_run_directory_holds_everything(tiny_run):
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
     for when in ("before", "after"):
         assert set(summary["oracle"][when]) == {"vq", "mq", "ta", "overall"}
+        terms = summary["oracle_terms"][when]  # each dimension is the mean of its three terms, so are the means
+        for dim, names in TERMS.items():
+            assert summary["oracle"][when][dim] == pytest.approx(np.mean([terms[n] for n in names]), abs=1e-9)
     before, after = (np.load(run_dir / "samples" / f"{w}.npz") for w in ("before", "after"))
     assert before["videos"].dtype == np.uint8 and before["videos"].shape == (24, 8, 16, 16, 3)
     assert list(before["prompts"]) == list(after["prompts"])  # same held-out prompts and seeds
