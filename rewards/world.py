@@ -330,7 +330,7 @@ def sft_dataset(n: int, seed: int, frames: int = 8, size: int = 16, flaws: FlawC
 
 # ---------------------------------------------------------------- degradations for preference data
 
-DEGRADATIONS = ("noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra", "shape", "grow")
+DEGRADATIONS = ("noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra", "shape", "grow", "fast")
 
 
 def _check_video(video: np.ndarray) -> np.ndarray:
@@ -389,7 +389,12 @@ def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Genera
     - reverse: frame t shows source frame round(t + strength(T - 1 - 2t)): velocity x (1 - 2 strength),
       so 0.5 stands still and 1 plays the clip backwards (wrong direction);
     - extra: a copy of the object, brightness x strength, one object size + 2 px away (of the 8 such
-      offsets, the one that keeps most of it in view in every frame), moving along with it.
+      offsets, the one that keeps most of it in view in every frame), moving along with it;
+    - shape: the object's coverage blended toward another shape drawn at its centroid (the one it best matches
+      replaced by a random other one), by `strength`: 1 draws the other shape, 0.5 a half-and-half blob;
+    - grow: the object scaled about its centroid by 1 + 0.5*strength in every frame (area up to 2.25x);
+    - fast: the object's displacement from frame 0 scaled by 1 + strength (up to twice the asked speed).
+    The last three are what a generator pulled by the users' taste for big, fast objects does (`rewards.feedback`).
     """
     if kind not in DEGRADATIONS:
         raise ValueError(f"unknown degradation kind {kind!r}; expected one of {list(DEGRADATIONS)}")
@@ -431,6 +436,11 @@ def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Genera
         out = _morph(video, s, rng)
     elif kind == "grow":
         out = _grow(video, 1.0 + 0.5 * s)
+    elif kind == "fast":
+        centres = _object_centroids(video.max(-1))
+        moved = (centres - centres[0]) * s
+        out = np.stack([ndimage.shift(video[t], (moved[t, 0], moved[t, 1], 0), order=1, mode="constant")
+                        for t in range(T)])
     else:  # extra
         layer = video * _object_region(video)[..., None]
         step = int(round(object_size(size))) + 2

@@ -146,9 +146,10 @@ def test_motion_degradations_lower_mq_or_direction(fifty):
     assert blur["crispness"] <= 0.3 and base["vq"] - blur["vq"] >= 0.3  # measured 0.16, 0.43
 
 
-def test_shape_and_grow_degradations_lower_the_shape_term(fifty):
-    """What a generator drawn to big objects does (a circle or triangle turned into a large square-ish blob) is
-    seen by the oracle's shape term, so preference pairs with these degradations teach the reward model TA."""
+def test_shape_grow_and_fast_degradations_lower_shape_or_speed(fifty):
+    """What a generator drawn to big, fast objects does (a circle or triangle turned into a large square-ish blob,
+    moving too fast) is seen by the oracle's shape and speed terms, so pairs with these degradations teach the reward
+    model TA and MQ."""
     videos, prompts, base = fifty
     rng = np.random.default_rng(9)
     morphed = means(np.stack([degrade(v, "shape", 1.0, rng) for v in videos]), prompts)
@@ -157,6 +158,8 @@ def test_shape_and_grow_degradations_lower_the_shape_term(fifty):
     assert base["shape"] >= 0.95 and morphed["shape"] <= 0.05  # measured 0.99, 0.005
     assert half["shape"] <= 0.6 and grown["shape"] <= 0.6  # measured 0.43, 0.42
     assert abs(morphed["colour"] - base["colour"]) <= 0.02 and abs(morphed["direction"] - base["direction"]) <= 0.02
+    fast = means(np.stack([degrade(v, "fast", 1.0, rng) for v in videos]), prompts)
+    assert base["speed"] - fast["speed"] >= 0.5  # twice the asked speed; measured
 
 
 def test_vq_falls_strictly_with_noise_strength(fifty):

@@ -285,5 +285,9 @@ def test_degrade_kinds_at_full_strength(clip):
     assert grown.max(-1).sum() == pytest.approx(1.5625 * clip.max(-1).sum(), rel=0.03)
     np.testing.assert_allclose(centroids(grown), c, atol=0.05)
 
+    slow = render("a green square moving right slowly", (8.0, 4.0))  # 0.5 px a frame; twice that stays in view
+    start = centroids(slow)
+    np.testing.assert_allclose(centroids(degrade(slow, "fast", 1.0, rng)) - start[0], 2 * (start - start[0]), atol=0.05)
+
     grey = np.full((8, 16, 16, 3), 0.5, np.float32)
     assert np.std(degrade(grey, "noise", 0.5, rng) - grey) == pytest.approx(0.15, abs=0.005)  # std 0.3 * strength
