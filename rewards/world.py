@@ -330,7 +330,7 @@ def sft_dataset(n: int, seed: int, frames: int = 8, size: int = 16, flaws: FlawC
 
 # ---------------------------------------------------------------- degradations for preference data
 
-DEGRADATIONS = ("noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra", "shape", "grow", "fast")
+DEGRADATIONS = ("noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra", "shape", "grow", "swell", "fast")
 
 
 def _check_video(video: np.ndarray) -> np.ndarray:
@@ -369,11 +369,11 @@ def _morph(video: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
     return video + (s * (templates[other] - alpha))[..., None] * colour
 
 
-def _grow(video: np.ndarray, factor: float) -> np.ndarray:
-    centres = _object_centroids(video.max(-1))
-    return np.stack([np.stack([ndimage.affine_transform(video[t, :, :, ch], np.full(2, 1 / factor),
-                                                        offset=c - 0.5 - (c - 0.5) / factor, order=1)
-                               for ch in range(3)], -1) for t, c in enumerate(centres)])
+def _grow(video: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Frame t's object scaled by factors[t] about its centroid (bilinear)."""
+    centres = _object_centroids(video.max(-1)) - 0.5  # array index coordinates: pixel centres at integers
+    return np.stack([np.stack([ndimage.affine_transform(video[t, :, :, ch], np.full(2, 1 / f), offset=c - c / f, order=1)
+                               for ch in range(3)], -1) for t, (c, f) in enumerate(zip(centres, factors))])
 
 
 def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -393,6 +393,7 @@ def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Genera
     - shape: the object's coverage blended toward another shape drawn at its centroid (the one it best matches
       replaced by a random other one), by `strength`: 1 draws the other shape, 0.5 a half-and-half blob;
     - grow: the object scaled about its centroid by 1 + 0.5*strength in every frame (area up to 2.25x);
+    - swell: frame t's object scaled by 1 + 0.5*strength*t/(T - 1): it grows over the clip (area not constant);
     - fast: the object's displacement from frame 0 scaled by 1 + strength (up to twice the asked speed).
     The last three are what a generator pulled by the users' taste for big, fast objects does (`rewards.feedback`).
     """
@@ -435,7 +436,9 @@ def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Genera
     elif kind == "shape":
         out = _morph(video, s, rng)
     elif kind == "grow":
-        out = _grow(video, 1.0 + 0.5 * s)
+        out = _grow(video, np.full(T, 1.0 + 0.5 * s))
+    elif kind == "swell":
+        out = _grow(video, 1.0 + 0.5 * s * np.arange(T) / (T - 1))
     elif kind == "fast":
         centres = _object_centroids(video.max(-1))
         moved = (centres - centres[0]) * s

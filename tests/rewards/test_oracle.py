@@ -158,6 +158,8 @@ def test_shape_grow_and_fast_degradations_lower_shape_or_speed(fifty):
     assert base["shape"] >= 0.95 and morphed["shape"] <= 0.05  # measured 0.99, 0.005
     assert half["shape"] <= 0.6 and grown["shape"] <= 0.6  # measured 0.43, 0.42
     assert abs(morphed["colour"] - base["colour"]) <= 0.02 and abs(morphed["direction"] - base["direction"]) <= 0.02
+    swollen = means(np.stack([degrade(v, "swell", 1.0, rng) for v in videos]), prompts)
+    assert base["smoothness"] - swollen["smoothness"] >= 0.3  # the area changes over the clip; measured
     fast = means(np.stack([degrade(v, "fast", 1.0, rng) for v in videos]), prompts)
     assert base["speed"] - fast["speed"] >= 0.5  # twice the asked speed; measured
 

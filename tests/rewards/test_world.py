@@ -284,6 +284,9 @@ def test_degrade_kinds_at_full_strength(clip):
     grown = degrade(clip, "grow", 0.5, rng)  # scaled 1.25x about the centroid: area x 1.5625, same track
     assert grown.max(-1).sum() == pytest.approx(1.5625 * clip.max(-1).sum(), rel=0.03)
     np.testing.assert_allclose(centroids(grown), c, atol=0.05)
+    swollen = degrade(clip, "swell", 0.5, rng)  # frame t scaled by 1 + 0.25 t / 7
+    np.testing.assert_allclose(swollen.max(-1).sum((1, 2)) / clip.max(-1).sum((1, 2)), (1 + np.arange(8) / 28) ** 2,
+                               rtol=0.03)
 
     slow = render("a green square moving right slowly", (8.0, 4.0))  # 0.5 px a frame; twice that stays in view
     start = centroids(slow)
