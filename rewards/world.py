@@ -330,7 +330,9 @@ def sft_dataset(n: int, seed: int, frames: int = 8, size: int = 16, flaws: FlawC
 
 # ---------------------------------------------------------------- degradations for preference data
 
-DEGRADATIONS = ("noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra", "shape", "grow", "swell", "fast")
+DEGRADATIONS = (
+    "noise", "blur", "jitter", "colour", "freeze", "flicker", "reverse", "extra", "shape", "grow", "swell", "fast",
+)
 
 
 def _check_video(video: np.ndarray) -> np.ndarray:
@@ -358,6 +360,7 @@ def _object_centroids(alpha: np.ndarray) -> np.ndarray:
 
 
 def _morph(video: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    """The object's coverage blended toward another shape (not the template it matches best) at its centroids."""
     alpha = video.max(-1)
     centres = _object_centroids(alpha)
     core = alpha >= 0.5
@@ -395,7 +398,7 @@ def degrade(video: np.ndarray, kind: str, strength: float, rng: np.random.Genera
     - grow: the object scaled about its centroid by 1 + 0.5*strength in every frame (area up to 2.25x);
     - swell: frame t's object scaled by 1 + 0.5*strength*t/(T - 1): it grows over the clip (area not constant);
     - fast: the object's displacement from frame 0 scaled by 1 + strength (up to twice the asked speed).
-    The last three are what a generator pulled by the users' taste for big, fast objects does (`rewards.feedback`).
+    The last four are what a generator pulled by the users' taste for big, fast objects does (`rewards.feedback`).
     """
     if kind not in DEGRADATIONS:
         raise ValueError(f"unknown degradation kind {kind!r}; expected one of {list(DEGRADATIONS)}")
