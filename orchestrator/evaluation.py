@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from policy.backend import Policy
 from policy.sampling import sample
-from rewards.oracle import score_batch
+from rewards.oracle import dimension_scores, score_batch, score_terms
 from rewards.world import heldout_prompts
 
 DIMENSIONS = ("vq", "mq", "ta", "overall")
@@ -31,9 +31,13 @@ class EvalResult:
     videos: np.ndarray  # uint8 [N, T, H, W, 3]
     prompts: list[str]  # [N], prompt-major: seeds of one prompt are adjacent
     scores: dict[str, np.ndarray]  # per dimension [N]
+    terms: dict[str, np.ndarray]  # per oracle term [N] (rewards.oracle.TERMS): the dimensions are their means
 
     def means(self) -> dict[str, float]:
         return {k: float(np.mean(self.scores[k])) for k in DIMENSIONS}
+
+    def term_means(self) -> dict[str, float]:
+        return {k: float(np.mean(v)) for k, v in self.terms.items()}
 
 
 @torch.no_grad()
@@ -60,7 +64,8 @@ def evaluate(
     """
     videos, texts = _sample_videos(model, prompts, seeds_per_prompt, seed, batch_size, desc, sde_type=sampler, eta=eta,
                                    steps=steps, mode=mode, shift=shift, guide=guide)
-    return EvalResult(videos, texts, score_batch(videos, texts))
+    terms = score_terms(videos, texts)
+    return EvalResult(videos, texts, dimension_scores(terms), terms)
 
 
 def _sample_videos(model: Policy, prompts: list[str] | None, seeds_per_prompt: int, seed: int, batch_size: int,

@@ -47,7 +47,6 @@ from orchestrator.metrics import DashboardMetrics, MetricsLog
 from orchestrator.pipeline import BroadcastSync, Group, Pipeline, PromptCursor
 from orchestrator.staleness import StalenessManager
 from rewards.curriculum import SelfPacedCurriculum, check_curriculum_rewards
-from rewards.oracle import score_terms
 
 
 class Run:
@@ -381,7 +380,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
         res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, shift=e.shift, mode=cfg.rollout.mode,
                        seeds_per_prompt=e.seeds_per_prompt, seed=e.seed)
         scores[when] = res.means()
-        terms[when] = {k: float(np.mean(v)) for k, v in score_terms(res.videos, res.prompts).items()}
+        terms[when] = res.term_means()
         (run_dir / "samples").mkdir(exist_ok=True)
         np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
     model.save(run_dir / "final")

@@ -233,7 +233,11 @@ def score_batch(videos: np.ndarray, prompts: list[Prompt | str]) -> dict[str, np
     Returns {"vq", "mq", "ta", "overall"} -> float64 [N] in [0, 1]; each dimension is the mean of its
     three `TERMS`, overall the mean of the three dimensions.
     """
-    terms = score_terms(videos, prompts)
+    return dimension_scores(score_terms(videos, prompts))
+
+
+def dimension_scores(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{"vq", "mq", "ta", "overall"} from `score_terms`' output: each dimension the mean of its `TERMS`."""
     out = {dim: np.mean([terms[t] for t in names], axis=0) for dim, names in TERMS.items()}
     out["overall"] = (out["vq"] + out["mq"] + out["ta"]) / 3
     return out

@@ -44,6 +44,14 @@ def _collect(results):
     return dict(results)
 
 
+def _assert_each_batch_scored_once(results, batches):
+    """Every batch id came back exactly once, with the scores a direct scorer gives it."""
+    got, direct = _collect(results), _direct(batches)
+    assert sorted(got) == sorted(batches)
+    for bid in batches:
+        np.testing.assert_array_equal(got[bid], direct[bid])
+
+
 def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_cluster):
     batches = _batches(24)
     # every batch its own call, sent at once (12 queued on each replica, none left in the driver to reach the
@@ -62,10 +70,7 @@ def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_
         ray.kill(victim, no_restart=False)
         results += pool.drain(timeout=60)
 
-        got, direct = _collect(results), _direct(batches)
-        assert sorted(got) == sorted(batches)  # every batch id exactly once
-        for bid in batches:
-            np.testing.assert_array_equal(got[bid], direct[bid])
+        _assert_each_batch_scored_once(results, batches)
         c = pool.counters
         assert c.retried >= in_flight_on_victim - 1 > 0  # the victim's queue was retried (one may have finished)
         assert (c.submitted, c.scored, c.failed) == (24, 24, 0)
@@ -137,10 +142,7 @@ def test_a_replica_killed_holding_a_call_of_several_batches_has_each_of_them_ret
             held = [jobs for replica, jobs in pool.calls.values() if replica == "reward-multi-0" and len(jobs) > 1]
         ray.kill(pool.replicas["reward-multi-0"], no_restart=False)
         results += pool.drain(timeout=60)
-        got, direct = _collect(results), _direct(batches)
-        assert sorted(got) == sorted(batches)  # every batch id exactly once
-        for bid in batches:
-            np.testing.assert_array_equal(got[bid], direct[bid])
+        _assert_each_batch_scored_once(results, batches)
         c = pool.counters
         assert c.retried >= len(held[0]) - 1 and (c.submitted, c.scored, c.failed) == (24, 24, 0)
         assert c.calls < 24  # several batches per call
