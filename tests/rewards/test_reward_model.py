@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from rewards import oracle, world
 from rewards.aggregators import to_grayscale
-from rewards.reward_model import (PreferencePairs, RewardModelConfig, VideoReward, pairwise_accuracy,
+from rewards.reward_model import (TRACK_FEATURES, PreferencePairs, RewardModelConfig, VideoReward, pairwise_accuracy,
                                   preference_accuracy, preference_loss, to_model_video, train_reward_model)
 
 TINY = dict(dim=16, depth=1, heads=2)
@@ -134,23 +134,51 @@ def test_trajectory_token_carries_velocity_acceleration_and_brightness_change():
     jitter = world.degrade(clean, "jitter", 1.0, rng)
     flicker = world.degrade(clean, "flicker", 1.0, rng)
     t = VideoReward._trajectory(to_model_video(np.stack([clean, up, jitter, flicker]))).numpy()
-    assert t.shape == (4, 8, 8)
-    vx, vy, ax, ay, db = (t[..., k] for k in range(3, 8))
-    np.testing.assert_allclose(vx[0, 1:], 1.0, atol=0.02)  # px/frame, the asked speed and direction
+    assert t.shape == (4, 8, len(TRACK_FEATURES))
+    f = {name: t[..., k] for k, name in enumerate(TRACK_FEATURES)}
+    vx, vy, ax, ay, db = (f[k] for k in ("vx", "vy", "ax", "ay", "d_brightness"))
+    np.testing.assert_allclose(vx[0, 1:], 1.0, atol=0.15)  # px/frame, the asked speed and direction
     np.testing.assert_allclose(vy[0], 0.0, atol=0.02)
-    np.testing.assert_allclose(vy[1, 1:], -0.5, atol=0.02)
+    np.testing.assert_allclose(vy[1, 1:], -0.5, atol=0.1)
+    np.testing.assert_allclose(f["clip_vx"][0], 1.0, atol=0.02)  # the clip's least-squares velocity
+    np.testing.assert_allclose(f["clip_vy"][1], -0.5, atol=0.02)
+    np.testing.assert_allclose(f["log2_speed"][:2, 0], [0.0, -1.0], atol=0.05)  # quickly = 1 px, slowly = 0.5
     assert vx[:, 0].tolist() == [0.0] * 4 and ax[:, [0, -1]].tolist() == [[0.0, 0.0]] * 4  # no neighbour frame
-    assert np.abs(ax[0]).max() < 0.02 and np.abs(ax[2]).mean() > 0.5 and np.abs(ay[2]).mean() > 0.5  # smooth vs jitter
+    assert np.abs(ax[0]).max() < 0.3 and np.abs(ax[2]).mean() > 0.5 and np.abs(ay[2]).mean() > 0.5  # smooth vs jitter
     assert np.abs(db[0]).max() < 0.01 and np.abs(db[3]).max() > 0.5  # a vanishing object changes the brightness
-    # the MQ head reads the motion features (zeroing their embedding moves its score); TA and VQ do not
+    # the MQ head reads the motion features (zeroing their embedding moves its score); VQ does not, and TA reads
+    # only its own columns (zeroing the per-frame motion columns leaves it as it was)
     model = _model(seed=6)
     x = to_model_video(np.stack([clean, jitter]))
     before = model(x, [p.text] * 2).detach()
+    motion = [TRACK_FEATURES.index(k) for k in ("vx", "vy", "ax", "ay", "d_brightness", "log_area")]
     with torch.no_grad():
-        model.track_embed.weight[:, 3:] = 0
+        model.track_embed.weight[:, motion] = 0
     after = model(x, [p.text] * 2).detach()
     assert (after[:, 1] - before[:, 1]).abs().min() > 1e-4
     assert torch.equal(after[:, 0], before[:, 0]) and torch.allclose(after[:, 2], before[:, 2], atol=1e-6)
+
+
+def test_trajectory_shape_moments_tell_the_shapes_apart_and_the_area_follows_a_swelling_object():
+    """Squareness is ~0 for a disc and negative for an axis-aligned square; a triangle (apex up) has a negative
+    vertical skew; `swell` makes the area grow frame by frame while `grow` scales it in every frame."""
+    rng = np.random.default_rng(1)
+    clips = {}
+    for shape in world.SHAPES:
+        p = world.as_prompt(f"a green {shape} moving left slowly")
+        clips[shape] = world.render(p, world.random_start(p, rng))
+    sq = clips["square"]
+    t = VideoReward._trajectory(to_model_video(np.stack([*clips.values(), world.degrade(sq, "swell", 1.0, rng),
+                                                          world.degrade(sq, "grow", 1.0, rng)]))).numpy()
+    f = {name: t[..., k].mean(1) for k, name in enumerate(TRACK_FEATURES)}
+    shapes = list(clips)
+    square, skew = (dict(zip(shapes, f[k][:3])) for k in ("squareness", "skew_y"))
+    assert square["square"] < -0.5 and abs(square["circle"]) < 0.25  # theory: -0.6 and 0 (a 5 px disc is not round)
+    assert skew["triangle"] < -0.4 and abs(skew["square"]) < 0.15 and abs(skew["circle"]) < 0.15
+    log_area = t[..., TRACK_FEATURES.index("log_area")]
+    assert np.all(np.diff(log_area[3]) > 0) and log_area[3, -1] - log_area[3, 0] > 0.5  # swelling
+    assert np.abs(log_area[0]).max() < 0.05  # steady
+    assert f["area"][4] > 1.5 * f["area"][0] and np.abs(log_area[4]).max() < 0.1  # grow: bigger, about as steady
 
 
 def test_save_load_roundtrip_and_mismatch(tmp_path):
