@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from orchestrator.hashing import SAMPLING_CODE, code_version, file_sha256, fingerprint
-from rewards import losses
+from rewards import losses, oracle
 from rewards.feedback import ClickLog, UserPopulation, auc, train_engagement
 from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpec, read_preference_data,
                                 render_references)
@@ -282,6 +282,7 @@ def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = T
               "non_tie": {d: int((held.labels[:, j] != 0).sum()) for j, d in enumerate(DIMS)},
               "tie": {d: int((held.labels[:, j] == 0).sum()) for j, d in enumerate(DIMS)},
               "kinds": {k: int((kinds == k).sum()) for k in sorted(set(held.kind))}}
+    decisive = _decisive_terms(held)
     rows, models = [], {}
     benched = [("videoreward", loss, d) for loss, d in model_dirs.items()]
     benched += [("videoalign", loss, d) for loss, d in (videoalign_dirs or {}).items()]
@@ -299,13 +300,35 @@ def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = T
             acc = {**{d: float(a) for d, a in zip(DIMS, per_dim)}, "overall": float(overall)}
             entry["with_ties" if with_ties else "without_ties"] = acc
             rows.append({"model": kind, "loss": loss, "ties": "with" if with_ties else "without", **acc})
-        entry["without_ties_by_kind"] = {}
+        entry["without_ties_by_kind"], entry["without_ties_by_kind_term"] = {}, {}
         for k in counts["kinds"]:
             per_dim, overall = preference_accuracy(delta[kinds == k], held.labels[kinds == k], False, threshold)
             entry["without_ties_by_kind"][k] = {**{d: _json_float(a) for d, a in zip(DIMS, per_dim)},
                                                 "overall": _json_float(overall)}
+            entry["without_ties_by_kind_term"][k] = _accuracy_by_term(delta, held.labels, decisive, kinds == k)
         models[loss if kind == "videoreward" else f"{kind}-{loss}"] = entry
     return rows, {"data": str(data_dir), "split": "heldout", "counts": counts, "models": models}
+
+
+def _decisive_terms(held) -> dict[str, np.ndarray]:
+    """{dim: [N] index into `oracle.TERMS[dim]`}: the oracle term whose value differs most between a pair's clips,
+    the one that decides the pair's label on that dimension (e.g. speed for most MQ pairs of two base samples)."""
+    a, b = oracle.score_terms(held.video_a, held.prompts), oracle.score_terms(held.video_b, held.prompts)
+    return {d: np.stack([np.abs(a[t] - b[t]) for t in oracle.TERMS[d]], 1).argmax(1) for d in DIMS}
+
+
+def _accuracy_by_term(delta: np.ndarray, labels: np.ndarray, decisive: dict[str, np.ndarray],
+                      rows: np.ndarray) -> dict[str, dict[str, dict]]:
+    """{dim: {term: {"accuracy", "pairs"}}} over the non-tie pairs in `rows` that the term decides (accuracy None
+    where it decides none)."""
+    out = {}
+    for j, d in enumerate(DIMS):
+        out[d] = {}
+        for i, term in enumerate(oracle.TERMS[d]):
+            m = rows & (labels[:, j] != 0) & (decisive[d] == i)
+            right = np.sign(delta[m, j]) == labels[m, j]
+            out[d][term] = {"accuracy": float(right.mean()) if m.any() else None, "pairs": int(m.sum())}
+    return out
 
 
 def _json_float(x: float) -> float | None:

@@ -14,9 +14,9 @@ from orchestrator.reward_training import (EngagementConfig, RewardTrainConfig, e
 from policy.model import ModelConfig, VideoDiT
 from rewards import oracle, world
 from rewards.feedback import EngagementPredictor
-from rewards.preference import PreferenceDataConfig
-from rewards.reward_model import (WORLD_SYMMETRIES, PreferencePairs, RewardModelConfig, allowed_symmetries,
-                                  apply_symmetry, augment_pairs, symmetric_prompt, warmup_cosine)
+from rewards.preference import PreferenceDataConfig, read_preference_data
+from rewards.reward_model import (WORLD_SYMMETRIES, PreferencePairs, RewardModelConfig, VideoReward, allowed_symmetries,
+                                  apply_symmetry, augment_pairs, score_differences, symmetric_prompt, warmup_cosine)
 
 DIMS = ("vq", "mq", "ta")
 
@@ -191,6 +191,25 @@ def test_tiny_end_to_end_train_bench_and_cache(tmp_path):
     for loss in dirs:
         assert models[loss]["without_ties"]["overall"] > 0.5  # held-out prompts, noise-free labels
         assert set(models[loss]["without_ties_by_kind"]) == set(counts["kinds"])
+    # by the oracle term that decides each pair: the terms split each kind's non-tie pairs, and the pairs a term
+    # decides are the ones where its difference is the largest of its dimension's three
+    held = read_preference_data(data, "heldout")
+    ta, tb = (oracle.score_terms(v, held.prompts) for v in (held.video_a, held.video_b))
+    delta = np.asarray(score_differences(VideoReward.load(dirs["btt"]), PreferencePairs(
+        held.video_a, held.video_b, held.prompts, held.labels)))
+    by_term = models["btt"]["without_ties_by_kind_term"]
+    for kind in counts["kinds"]:
+        of_kind = np.asarray(held.kind) == kind
+        for j, d in enumerate(DIMS):
+            split = by_term[kind][d]
+            assert list(split) == list(oracle.TERMS[d])
+            assert sum(v["pairs"] for v in split.values()) == int((of_kind & (held.labels[:, j] != 0)).sum())
+            gaps = np.stack([np.abs(ta[t] - tb[t]) for t in oracle.TERMS[d]], 1)
+            for i, term in enumerate(oracle.TERMS[d]):
+                m = of_kind & (held.labels[:, j] != 0) & (gaps.argmax(1) == i)
+                assert split[term]["pairs"] == int(m.sum())
+                if m.any():
+                    assert split[term]["accuracy"] == pytest.approx(np.mean(np.sign(delta[m, j]) == held.labels[m, j]))
     json.dumps(result)  # JSON-ready
 
     # over 2 seeds: seed 0 is the bench above (cached data and models), seed 1 its own data and models
