@@ -234,10 +234,13 @@ class VideoReward(nn.Module):
         clip = torch.cat([clip_v, speed, torch.log2(speed.clamp(min=1.0 / 16))], -1)[:, None].expand(b, t, 4)
         x = cols[None, None, None, :] - px[..., 0, None, None]
         y = rows[None, None, :, None] - px[..., 1, None, None]
-        m2 = lambda f: (wt * f).sum(dim=(2, 3)) / mass  # noqa: E731 (a weighted moment about the centroid)
-        r2 = m2(x ** 2 + y ** 2).clamp(min=1e-3)
-        square = m2(x ** 4 + y ** 4 - 6 * x ** 2 * y ** 2) / r2 ** 2
-        skew = m2(y ** 3) / m2(y ** 2).clamp(min=1e-3) ** 1.5
+
+        def moment(f: torch.Tensor) -> torch.Tensor:  # E_w[f] about the centroid, per frame
+            return (wt * f).sum(dim=(2, 3)) / mass
+
+        r2 = moment(x ** 2 + y ** 2).clamp(min=1e-3)
+        square = moment(x ** 4 + y ** 4 - 6 * x ** 2 * y ** 2) / r2 ** 2
+        skew = moment(y ** 3) / moment(y ** 2).clamp(min=1e-3) ** 1.5
         centre = torch.stack([px[..., 0] / (w - 1), px[..., 1] / (h - 1)], -1) * 2 - 1
         per_frame = [centre, bright[..., None], vel, acc, d_bright[..., None], area[..., None], log_area[..., None]]
         return torch.cat([*per_frame, clip, square[..., None], skew[..., None]], dim=-1)
