@@ -267,7 +267,8 @@ def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = T
     model_dirs: {loss: VideoReward directory from `ensure_reward_model`}; videoalign_dirs: {loss: VideoAlign VLM
     directory from `ensure_videoalign_model`}, benched alike (JSON key "videoalign-<loss>"). Returns (rows, result):
     rows, one per (model, loss, ties) with vq, mq, ta, overall (pairwise accuracy); result (JSON-ready) with the same
-    numbers, the tie threshold of each model and how it was chosen, accuracy per pair kind, and pair counts.
+    numbers, the tie threshold of each model and how it was chosen, accuracy per pair kind and, within a kind, per
+    oracle term that decides the pair (`_decisive_terms`), and pair counts.
     Without ties: only pairs whose label is not a tie count; right when sign(Δ) matches. With ties: every
     pair counts; the model predicts a tie when |Δ| is under its tie threshold: BTT's Rao–Kupper threshold,
     regression's data tie margin (its scores are oracle-scale), BT's fitted on the validation split.
