@@ -326,9 +326,9 @@ def _accuracy_by_term(delta: np.ndarray, labels: np.ndarray, decisive: dict[str,
     for j, d in enumerate(DIMS):
         out[d] = {}
         for i, term in enumerate(oracle.TERMS[d]):
-            m = rows & (labels[:, j] != 0) & (decisive[d] == i)
-            right = np.sign(delta[m, j]) == labels[m, j]
-            out[d][term] = {"accuracy": float(right.mean()) if m.any() else None, "pairs": int(m.sum())}
+            m = rows & (decisive[d] == i)
+            per_dim, _ = preference_accuracy(delta[m], labels[m], False, 0.0)
+            out[d][term] = {"accuracy": _json_float(per_dim[j]), "pairs": int((labels[m, j] != 0).sum())}
     return out
 
 
