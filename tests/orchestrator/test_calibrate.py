@@ -39,7 +39,7 @@ def test_writes_every_profile_and_matches_the_formula(tmp_path):
     assert read_calibration(out) == res
     assert res["seed"] == 7 and res["base_checkpoint"] == str(ckpt) and res["n"] == 72
     assert res["prompts"] == [p.text for p in heldout_prompts()]
-    assert set(res["profiles"]) == {"video_generation", "shapes", "instruction", "retrieval"}
+    assert set(res["profiles"]) == {"video_generation", "instruction", "retrieval"}
     assert set(res["scores"]) == {"vq", "mq", "ta", "feedback"}
 
     # recompute independently: the same seed draws the same clips

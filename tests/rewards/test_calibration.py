@@ -73,13 +73,12 @@ def test_bad_scores_name_the_culprit():
 
 
 def test_shipped_profiles_mirror_scrl():
-    assert available_profiles() == ["audio_sync", "instruction", "retrieval", "shapes", "video_generation"]
+    assert available_profiles() == ["audio_sync", "instruction", "retrieval", "video_generation"]
     assert load_profile("audio_sync") == Profile(name="audio_sync", primary="ta", constraints={"sync": 1.0, "vq": 0.5})
     assert load_profile("video_generation") == Profile(
         name="video_generation", primary="feedback", constraints={"vq": 1.1, "mq": 1.1, "ta": 1.1})
     assert load_profile("instruction") == Profile(name="instruction", primary="feedback", constraints={"ta": 0.8})
     assert load_profile("retrieval") == Profile(name="retrieval", primary="feedback", constraints={"ta": 0.3})
-    assert load_profile("shapes") == Profile(name="shapes", primary="feedback", constraints={"vq": 2.5, "mq": 1.1, "ta": 1.1})
 
 
 def test_profile_by_path_and_validation(tmp_path):
@@ -89,7 +88,7 @@ def test_profile_by_path_and_validation(tmp_path):
     assert load_profile(str(f)).name == "strict_motion"  # a string path works too
 
     with pytest.raises(ValueError, match=r"unknown profile 'vga'; available: \['audio_sync', 'instruction', 'retrieval', "
-                                         r"'shapes', 'video_generation'\]"):
+                                         r"'video_generation'\]"):
         load_profile("vga")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_profile(tmp_path / "nope.yaml")
@@ -120,7 +119,7 @@ def test_write_read_roundtrip_and_taus(tmp_path):
     assert profile_taus(read_calibration(path), "video_generation") == pytest.approx(
         {"vq": 0.784019, "mq": 1.135085, "ta": 0.537627}, abs=1e-6)
     assert profile_taus(result, "retrieval") == pytest.approx({"ta": 0.364807}, abs=1e-6)
-    with pytest.raises(ValueError, match=r"no profile 'vga'; it has \['instruction', 'retrieval', 'shapes', 'video_generation'\]"):
+    with pytest.raises(ValueError, match=r"no profile 'vga'; it has \['instruction', 'retrieval', 'video_generation'\]"):
         profile_taus(result, "vga")
 
 
