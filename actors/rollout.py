@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from actors import outputs_of_many
 from orchestrator.checkpoint import seed_global_rngs
 from policy.parallel import WeightBroadcast
 from policy.rollout import RolloutWorker
@@ -29,6 +30,13 @@ class RolloutActor(RolloutWorker):
             self.set_weights(version, ray.get(weights[0]))
         seed_global_rngs(seed)
         return super().generate(group_id, prompt, seed)
+
+    def generate_many(self, groups: list[tuple[str, str, int]], version: int | None = None,
+                      weights: list | None = None) -> tuple:
+        """`generate` for each (group id, prompt, seed) on weights `version`, in one call (the orchestrator's
+        `rollout.groups_per_call`) -> (batch_1 .. batch_k, payload_1 .. payload_k, [meta_1 .. meta_k])."""
+        return outputs_of_many([self.generate(*group, version, weights) for group in groups])
+
 
     def ping(self) -> int:
         return self.version

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import ray
 
+from actors import outputs_of_many
 from rewards.errors import DataError, score_each
 
 SIM_CPUS = 0.01  # so 16 rollout actors, the reward replicas and the learner fit on a 2-CPU node
@@ -26,7 +27,7 @@ class SimulatedRollout:
         if rollout_s < 0 or group_size < 1:
             raise ValueError(f"need rollout_s >= 0 and group_size >= 1, got {rollout_s}, {group_size}")
         self.rollout_s, self.group_size, self.version = rollout_s, group_size, -1
-        self.generated = self.weight_loads = 0
+        self.generated = self.calls = self.weight_loads = 0
 
     def set_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
         self.version = version
@@ -48,9 +49,15 @@ class SimulatedRollout:
         self.generated += 1
         return batch, payload, meta
 
+    def generate_many(self, groups: list[tuple[str, str, int]], version: int | None = None,
+                      weights: list | None = None) -> tuple:
+        """As actors.rollout.RolloutActor.generate_many: one call, `rollout_s` per group."""
+        self.calls += 1
+        return outputs_of_many([self.generate(*group, version, weights) for group in groups])
+
     def stats(self) -> dict[str, int]:
-        """{"generated": groups made, "weight_loads": versions taken} by this actor."""
-        return {"generated": self.generated, "weight_loads": self.weight_loads}
+        """{"generated": groups made, "calls": generate_many calls, "weight_loads": versions taken} by this actor."""
+        return {"generated": self.generated, "calls": self.calls, "weight_loads": self.weight_loads}
 
     def ping(self) -> int:
         return self.version

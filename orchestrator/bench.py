@@ -35,7 +35,7 @@ from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
 
 SIM_COLUMNS = ["actors", "bound", "throughput", "efficiency", "sync_throughput", "speedup", "stale_fraction",
-               "driver_ms_per_group", "reward_calls_per_group", "bottleneck", "idle_rollout", "idle_reward", "idle_learner", "balanced", "seconds"]
+               "driver_ms_per_group", "rollout_calls_per_group", "reward_calls_per_group", "bottleneck", "idle_rollout", "idle_reward", "idle_learner", "balanced", "seconds"]
 SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
 SCALE_COLUMNS = ["reward_replicas", "first_step", "last_step", "measured_from_step", "reward_groups_per_s"]
 REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
@@ -62,6 +62,7 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
         return {"t": time.perf_counter(), "cpu": time.process_time(),  # the driver's own CPU seconds
                 "main_cpu": time.thread_time(), "machine_cpu": _machine_cpu(),
                 "scored": pool.counters.scored if pool else 0, "calls": pool.counters.calls if pool else 0,
+                "rollout_calls": pipe.calls,
                 "busy": pipe.rollout_busy_s,
                 "replicas": pool.size if pool else 0, "replicas_up": up, "clocks": pipe.clocks(),
                 "stale": pipe.ledger.balance(set()).get("dropped_stale", 0), "produced": len(pipe.ledger.produced)}
@@ -96,7 +97,7 @@ def _rate(marks: list[dict], a: int, b: int, key: str) -> float | None:
 
 
 def _stages(n_rollout: int, rollout_s: float, reward_s: float, reward_replicas: int, learner_s: float,
-            groups_per_step: int, max_staleness: int):
+            groups_per_step: int, max_staleness: int, reward_batch_max: int = 4):
     """Validated simulated stages, started -> (rollout actors, the reward pool "simulated", the learner)."""
     if n_rollout < 1 or reward_replicas < 1 or groups_per_step < 1 or max_staleness < 0:
         raise ValueError(f"need n_rollout, reward_replicas, groups_per_step >= 1 and max_staleness >= 0, got "
@@ -106,7 +107,8 @@ def _stages(n_rollout: int, rollout_s: float, reward_s: float, reward_replicas: 
     from actors.simulated import simulated_learner_actor, simulated_reward_actor, simulated_rollout_actor
 
     rollouts = [simulated_rollout_actor(i, rollout_s) for i in range(n_rollout)]
-    pool = RewardPool("simulated", lambda name: simulated_reward_actor(name, reward_s), reward_replicas)
+    pool = RewardPool("simulated", lambda name: simulated_reward_actor(name, reward_s), reward_replicas,
+                      batch_max=reward_batch_max)
     learner = simulated_learner_actor(learner_s)
     ray.get([a.ping.remote() for a in [*rollouts, *pool.replicas.values(), learner]])  # start-up is not measured
     return rollouts, pool, learner
@@ -121,11 +123,14 @@ def _kill(pool: RewardPool, handles: list) -> None:
 def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float = 0.02, reward_replicas: int = 2,
                        learner_s: float = 0.05, groups_per_step: int = 8, max_staleness: int = 2, steps: int = 6,
                        warmup_steps: int = 1, scale_at: dict[int, int] | None = None,
-                       autoscale: AutoscaleConfig | None = None, named_control: bool = False, per_worker: int = 1) -> dict:
+                       autoscale: AutoscaleConfig | None = None, named_control: bool = False, per_worker: int = 1,
+                       groups_per_call: int = 1, reward_batch_max: int = 4) -> dict:
     """One simulated run (groups of one clip) -> JSON-able dict: "row" (SIM_COLUMNS but the sync ones), "steps"
     (SIM_STEP_COLUMNS per step) and "reward_scaling" (reward groups/s per run of steps at one replica count,
     SCALE_COLUMNS). Durations are seconds of device time per group (rollout, reward) and per learner step;
-    `per_worker` is the Pipeline's rollouts queued per actor (train_loop uses its default). The reward pool
+    `per_worker` is the Pipeline's rollout calls queued per actor (train_loop uses its default), `groups_per_call`
+    the groups each call carries (`rollout.groups_per_call`), `reward_batch_max` the groups a reward call carries at
+    most (`RewardPool(batch_max)`). The reward pool
     ("simulated") is resized as in `videorl train`: `scale_at` {step: replicas} requests through the run's control
     actor, `autoscale` is the pool's autoscaler, and with `named_control` the control actor is `videorl-control`, so
     `videorl scale --address ... --reward simulated=N` reaches this run from another process."""
@@ -137,13 +142,14 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
     from actors.control import control_actor
 
     rollouts, pool, learner = _stages(n_rollout, rollout_s, reward_s, reward_replicas, learner_s, groups_per_step,
-                                      max_staleness)
+                                      max_staleness, reward_batch_max)
     control = control_actor([pool.model], named=named_control)
     try:
         ledger = Ledger()
         prompts = PromptCursor([f"simulated {i}" for i in range(1000)], 0)  # one shuffle per 1000 groups, as in a run
         pipe = Pipeline(rollouts, {"simulated": pool}, {"simulated": ["score"]}, prompts,
-                        StalenessManager(groups_per_step, max_staleness), ledger, seed=0, per_worker=per_worker)
+                        StalenessManager(groups_per_step, max_staleness), ledger, seed=0, per_worker=per_worker,
+                        groups_per_call=groups_per_call)
         marks = drive(pipe, learner, steps, groups_per_step, "score", pool=pool, control=control,
                       rules={pool.model: autoscale}, scale_at=scale_at)
         held_balance = ledger.balance(pipe.held())
@@ -171,6 +177,7 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
         "stale_fraction": (marks[end]["stale"] - marks[w]["stale"]) / max(1, produced),
         # the driver process's CPU time (every thread: Ray's own included) per consumed group, in the window
         "driver_ms_per_group": 1000 * (marks[end]["cpu"] - marks[w]["cpu"]) / ((end - w) * groups_per_step),
+        "rollout_calls_per_group": (marks[end]["rollout_calls"] - marks[w]["rollout_calls"]) / max(1, produced),
         "reward_calls_per_group": (marks[end]["calls"] - marks[w]["calls"]) / max(1, marks[end]["scored"] - marks[w]["scored"]),
         "driver_main_ms_per_group": 1000 * (marks[end]["main_cpu"] - marks[w]["main_cpu"]) / ((end - w) * groups_per_step),
         "driver_cpu_util": (marks[end]["cpu"] - marks[w]["cpu"]) / window,  # 1.0: one core busy all the time
@@ -189,6 +196,7 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
             "settings": {"rollout_s": rollout_s, "reward_s": reward_s, "reward_replicas": reward_replicas,
                          "learner_s": learner_s, "groups_per_step": groups_per_step, "max_staleness": max_staleness,
                          "steps": steps, "warmup_steps": warmup_steps, "per_worker": per_worker,
+                         "groups_per_call": groups_per_call, "reward_batch_max": reward_batch_max,
                          "scale_at": {str(k): v for k, v in scale_at.items()},
                          "autoscale": autoscale.model_dump() if autoscale else None}}
 

@@ -445,7 +445,8 @@ def cmd_bench_pipeline(args) -> None:
     if args.mode in ("simulated", "both"):
         kw = dict(rollout_s=args.rollout_s, reward_s=args.reward_s, reward_replicas=args.reward_replicas,
                   learner_s=args.learner_s, groups_per_step=args.groups_per_step, max_staleness=args.max_staleness,
-                  per_worker=args.per_worker)
+                  per_worker=args.per_worker, groups_per_call=args.groups_per_call,
+                  reward_batch_max=args.reward_batch_max)
         if args.scale_at or args.autoscale or args.control:
             scale_at = dict(map(int, item.split("=")) for item in args.scale_at or [])
             run = bench.simulated_pipeline(args.actors[-1], steps=args.sim_steps or 12, scale_at=scale_at,
@@ -631,7 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learner-s", type=float, help="simulated seconds per learner step (default 0.05)")
     p.add_argument("--groups-per-step", type=int, help="default 8; with --balanced, the actor count")
     p.add_argument("--max-staleness", type=int, default=2)
-    p.add_argument("--per-worker", type=int, default=1, help="simulated: rollouts queued per actor")
+    p.add_argument("--per-worker", type=int, default=1, help="simulated: rollout calls queued per actor")
+    p.add_argument("--groups-per-call", type=int, default=1,
+                   help="simulated: groups per generate call (rollout.groups_per_call)")
+    p.add_argument("--reward-batch-max", type=int, default=4, help="simulated: groups per reward call at most")
     p.add_argument("--balanced", action="store_true",
                    help="simulated: reward and learner times such that no stage is the bottleneck "
                         "(rollout-s / actors = reward-s / replicas = learner-s / groups-per-step)")

@@ -35,6 +35,10 @@ Scheduling at scale (64+ rollout actors on one driver):
   second one): with one slot per actor that is an idle actor, the one that will finish it first. A second slot hides
   the driver's reaction time when rollouts are short, at the price of groups that wait behind another one (older
   weights by the time they are trained: stale drops) -- the default is one;
+- a slot's call carries up to `groups_per_call` groups (`rollout.groups_per_call`), all on the weights version of
+  their launch, their metadata in one return object: a Ray call costs the driver about 0.8 ms of CPU whatever it
+  carries, so k groups per call divide the driver's dominant cost per group by k (and a GPU rollout gets k groups to
+  batch); the price is latency: the call's groups come back together, after k rollouts' time;
 - the learner takes the oldest weights version first among what is ready (`(version, id)` order), so a group that
   finished late is trained before it turns stale, instead of being dropped behind younger ones;
 - idle time is accounted for every stage (`idle()`): waiting for input vs blocked on output (StreamRL's pipeline
@@ -182,20 +186,27 @@ class Pipeline:
                  prompts: PromptCursor, staleness: StalenessManager, ledger: Ledger, seed: int,
                  next_group: int = 0, per_worker: int = 1, group_size: int = 1, dynamic_grouping=None,
                  signal_rewards: Sequence[str] = (), fail_after: dict[str, int] | None = None,
-                 describe: dict[str, str] | None = None, in_order: bool = False, sync: BroadcastSync | None = None):
-        """per_worker: rollouts queued per actor (see the module docstring); dynamic_grouping: `rollout.dynamic_grouping`
+                 describe: dict[str, str] | None = None, in_order: bool = False, sync: BroadcastSync | None = None,
+                 groups_per_call: int = 1):
+        """per_worker: rollout calls queued per actor, groups_per_call: groups each call generates (see the module
+        docstring); dynamic_grouping: `rollout.dynamic_grouping`
         (min_std, max_resamples) or None; signal_rewards: the reward names whose spread counts as signal (the learner's
         channels); fail_after: {pool: N}, end the run after N groups in a row dropped for infrastructure errors of that
         pool (absent: never); describe: {pool: how errors name it}, e.g. its URL; in_order: `train.deterministic` (see
         the module docstring; per_worker is then no bound, the staleness capacity is); sync: weights.sync=broadcast
         (None: every version through the object store)."""
-        if per_worker < 1:
-            raise ValueError(f"per_worker must be >= 1, got {per_worker}")
+        if per_worker < 1 or groups_per_call < 1:
+            raise ValueError(f"per_worker and groups_per_call must be >= 1, got {per_worker}, {groups_per_call}")
+        if in_order and groups_per_call != 1:
+            raise ValueError(f"in order (train.deterministic) handles one group at a time: groups_per_call must be 1, "
+                             f"got {groups_per_call}")
         self.workers, self.pools, self.reward_names = workers, pools, reward_names
         self.sync = sync
         self.prompts, self.staleness, self.ledger = prompts, staleness, ledger
         self.seed, self.next_group, self.per_worker, self.group_size = seed, next_group, per_worker, group_size
-        self.rolling: dict[ray.ObjectRef, Group] = {}  # meta ref -> group being generated
+        self.groups_per_call = groups_per_call
+        self.rolling: dict[ray.ObjectRef, list[Group]] = {}  # metadata ref of a call -> its groups being generated
+        self.calls = self.launched = 0  # generate calls sent, groups they carried
         self.scoring: dict[str, Group] = {}
         self.ready: list[tuple[tuple, Group]] = []  # heap: oldest weights version first (gid order in order)
         self.weights: tuple[int, ray.ObjectRef | None] | None = None
@@ -257,58 +268,70 @@ class Pipeline:
     def _start_rollouts(self, learner_version: int) -> None:
         budget = self.staleness.capacity(learner_version)
         while budget > 0 and (self.in_order or self.free):
-            gid = f"g{self.next_group:06d}"
-            prompt, resamples = self.resample.popleft() if self.resample else (self.prompts.next(), 0)
-            group = Group(gid, prompt, seed=self.seed * 1_000_003 + self.next_group, resamples=resamples,
-                          version=self.weights[0] if self.weights else -1)
-            self.next_group += 1
-            self.staleness.start()
-            budget -= 1
-            self._launch(group)
+            groups = [self._new_group() for _ in range(min(budget, self.groups_per_call))]
+            budget -= len(groups)
+            self._launch(groups)
         waiting_for = "output" if budget == 0 else "input"  # idle actors wait for the learner (the staleness capacity)
         if waiting_for != self.rollout_clock.idle_is:
             self.rollout_clock.change(idle_is=waiting_for)
 
-    def _launch(self, group: Group) -> None:
-        """Generate `group` on the slot freed longest ago (in order, or a re-run, when none is free: the least loaded
-        actor) with the weights of `group.version`, whose reference goes along unless the actor already holds them."""
+    def _new_group(self) -> Group:
+        gid = f"g{self.next_group:06d}"
+        prompt, resamples = self.resample.popleft() if self.resample else (self.prompts.next(), 0)
+        group = Group(gid, prompt, seed=self.seed * 1_000_003 + self.next_group, resamples=resamples,
+                      version=self.weights[0] if self.weights else -1)
+        self.next_group += 1
+        self.staleness.start()
+        return group
+
+    def _launch(self, groups: list[Group]) -> None:
+        """Generate `groups` (one weights version) in one call on the slot freed longest ago (in order, or a re-run,
+        when none is free: the least loaded actor) with the weights of their version, whose reference goes along
+        unless the actor already holds them."""
         w = self.free.popleft() if self.free else min(range(len(self.workers)), key=self.load.__getitem__)
-        group.worker = w
+        version = groups[0].version
         if self.load[w] == 0:
             self.rollout_clock.change(busy=1)
         self.load[w] += 1
-        known = self.weights is None or self.worker_version[w] == group.version
-        weights = None if known else [self.weights_ref(group.version)]
-        self.worker_version[w] = group.version
-        batch, payload, meta = self.workers[w].generate.options(num_returns=3).remote(
-            group.gid, group.prompt, group.seed, group.version, weights)
-        group.batch_ref, group.payload_ref = batch, payload
-        self.rolling[meta] = group
-        self.done.watch(meta, meta)
+        known = self.weights is None or self.worker_version[w] == version
+        weights = None if known else [self.weights_ref(version)]
+        self.worker_version[w] = version
+        *refs, metas = self.workers[w].generate_many.options(num_returns=2 * len(groups) + 1).remote(
+            [(g.gid, g.prompt, g.seed) for g in groups], version, weights)
+        for i, group in enumerate(groups):
+            group.worker, group.batch_ref, group.payload_ref = w, refs[i], refs[len(groups) + i]
+        self.rolling[metas] = groups
+        self.calls += 1
+        self.launched += len(groups)
+        self.done.watch(metas, metas)
 
     def _rollout_done(self, ref: ray.ObjectRef, result) -> None:
-        """A finished rollout (`result`: its future) goes to every reward pool (or is re-run, when its actor died or
-        had no weights)."""
-        group = self.rolling.pop(ref)
-        w = group.worker
+        """A finished rollout call (`result`: the future of its metadata list) sends each group to every reward pool
+        (or re-runs them, when the actor died or had no weights)."""
+        groups = self.rolling.pop(ref)
+        w = groups[0].worker
         self.load[w] -= 1
         if self.load[w] < self.per_worker:
             self.free.append(w)
         if self.load[w] == 0:
             self.rollout_clock.change(busy=-1)
         try:
-            meta = result.result()
+            metas = result.result()
         except RayActorError:  # the rollout actor died, or the weights it fetched are from a learner that did
             self._raise_if_learner_died()  # (then every re-run would fail the same way: the run restarts the learner)
-            self._retry_rollout(group)
+            self._retry_rollout(groups)
             return
-        if meta["version"] < max(group.version, 0):
+        if metas[0]["version"] < max(groups[0].version, 0):
             # a restarted actor ran before its weights came back, or one missed a version: either way not a sample
-            # of the policy the group was launched for. Missed because the learner died making that version? Then
+            # of the policy the groups were launched for. Missed because the learner died making that version? Then
             # its error ends the pipeline here (the run restarts the learner), instead of re-running forever.
             self._raise_if_learner_died()
-            self._retry_rollout(group)
+            self._retry_rollout(groups)
             return
+        for group, meta in zip(groups, metas):
+            self._produced(group, meta)
+
+    def _produced(self, group: Group, meta: dict) -> None:
         self.ledger.produce(group.gid)
         group.version, group.prefix_chunks, group.rollout_seconds = meta["version"], meta["prefix_chunks"], meta["seconds"]
         self.rollout_busy_s += meta["seconds"]
@@ -335,16 +358,16 @@ class Pipeline:
             if self.sync is None:  # the object-store gather failed: a rank died inside it
                 raise
 
-    def _retry_rollout(self, group: Group) -> None:
-        """Re-run `group` on the latest weights (as fresh as anything started now); the actor it ran on restarted
-        (or missed a version): it holds no known version any more."""
-        self.ledger.retried += 1
-        self.worker_version[group.worker] = None
+    def _retry_rollout(self, groups: list[Group]) -> None:
+        """Re-run a call's `groups` on the latest weights (as fresh as anything started now); the actor they ran on
+        restarted (or missed a version): it holds no known version any more."""
+        self.ledger.retried += len(groups)
+        self.worker_version[groups[0].worker] = None
         if self.sync is not None:
             self.sync.broken = True  # the restarted actor is not in the broadcast group any more
-        if self.weights:
-            group.version = self.weights[0]
-        self._launch(group)
+        for group in groups:
+            group.version = self.weights[0] if self.weights else group.version
+        self._launch(groups)
 
     def _collect_scores(self, timeout: float = 0.0) -> None:
         for name, pool in self.pools.items():
@@ -457,8 +480,8 @@ class Pipeline:
         if not self.rolling:
             raise RuntimeError(f"no rollout in flight and none may start at learner version {learner_version} "
                                f"(started {self.staleness.started}): the staleness window is full of groups nobody holds")
-        ref = min(self.rolling, key=lambda r: self.rolling[r].gid)
-        gid = self.rolling[ref].gid
+        ref = min(self.rolling, key=lambda r: self.rolling[r][0].gid)
+        gid = self.rolling[ref][0].gid
         while ref not in self.finished:  # the others that finish meanwhile wait for their turn
             self.finished.update(self.done.take(timeout=0.05))
         self._rollout_done(ref, self.finished.pop(ref))
@@ -466,7 +489,7 @@ class Pipeline:
             self._collect_scores(timeout=0.01)
 
     def depths(self) -> dict[str, int]:
-        return {"rollout": len(self.rolling), "reward": len(self.scoring), "ready": len(self.ready)}
+        return {"rollout": sum(map(len, self.rolling.values())), "reward": len(self.scoring), "ready": len(self.ready)}
 
     def clocks(self) -> dict[str, tuple[float, float, float]]:
         """Occupancy totals of every stage now; two of them give `idle`. The rollout actors' busy time is what they
@@ -490,7 +513,8 @@ class Pipeline:
     # -- checkpoints: what is in flight, and putting it back ------------------------------
     def in_flight(self) -> list[Group]:
         """Every group started and not yet consumed or dropped (generating, being scored, ready), oldest first."""
-        return sorted([*self.rolling.values(), *self.scoring.values(), *(g for _, g in self.ready)], key=lambda g: g.gid)
+        rolling = (g for groups in self.rolling.values() for g in groups)
+        return sorted([*rolling, *self.scoring.values(), *(g for _, g in self.ready)], key=lambda g: g.gid)
 
     def state_dict(self) -> dict:
         """Plain state for a checkpoint: the groups in flight (id, prompt, seed, weights version, re-samples) and the
@@ -521,7 +545,7 @@ class Pipeline:
             group = Group(saved["gid"], saved["prompt"], saved["seed"], version=saved["version"],
                           resamples=saved["resamples"])
             self.staleness.start()
-            self._launch(group)
+            self._launch([group])
 
     def close(self) -> None:
         """End of run: produced but unused groups are dropped (and counted); rollouts in flight are abandoned."""

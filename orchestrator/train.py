@@ -199,7 +199,8 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
                     dynamic_grouping=cfg.rollout.dynamic_grouping, signal_rewards=list(channels),
                     fail_after={n: s.max_consecutive_failures for n, s in cfg.rewards.models.items()},
                     describe={n: f"{n!r} ({s.url})" if s.url else repr(n) for n, s in cfg.rewards.models.items()},
-                    in_order=cfg.train.deterministic, sync=_weight_sync(cfg, actors))
+                    in_order=cfg.train.deterministic, sync=_weight_sync(cfg, actors),
+                    groups_per_call=cfg.rollout.groups_per_call)
     channel_weights = (lambda batch: run.curriculum.update(batch_means(batch))) if run.curriculum else None
     log = MetricsLog(run_dir, start_step=run.step)
     dash = DashboardMetrics()
@@ -286,6 +287,7 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
            "throughput/total_samples_per_s": run.samples / wall,
            "payload/bytes_per_group": (pipe.bytes["batch"] + pipe.bytes["payload"]) / max(1, pipe.bytes["groups"]),
            **{f"queue/{k}": v for k, v in pipe.depths().items()},
+           "pipeline/rollout_calls_per_group": pipe.calls / max(1, pipe.launched),
            **{f"ledger/{k}": v for k, v in run.ledger.balance(pipe.held()).items() if isinstance(v, int)}}
     if run.curriculum:  # the weights this step trained with, and the competence they came from
         row["curriculum/competence"] = run.curriculum.competence

@@ -283,3 +283,23 @@ def test_the_ceiling_is_measured_beside_the_bare_ray_calls(ray_cluster, tmp_path
     assert pipe["driver_ms_per_group"] >= pipe["driver_main_ms_per_group"] > 0 and floor["driver_ms_per_group"] > 0
     assert top["orchestration_ms_per_group"] == pytest.approx(pipe["driver_ms_per_group"] - floor["driver_ms_per_group"])
     assert 0 < pipe["machine_cpu_util"] <= 1.05 and floor["groups_per_s"] > 0  # all cores busy at most (10 ms ticks)
+
+
+def test_groups_per_call_carries_several_groups_in_one_generate_call(ray_cluster):
+    """Pipeline(groups_per_call=3) / `--groups-per-call 3`: each call carries up to 3 groups (fewer only when the
+    staleness capacity has fewer left), every group is produced, scored and consumed once, and the actors generate
+    as many groups as with one call per group."""
+    kw = dict(rollout_s=0.03, reward_s=0.005, reward_replicas=1, learner_s=0.01, groups_per_step=6, max_staleness=2,
+              steps=5, warmup_steps=1)
+    one, three = (simulated_pipeline(2, groups_per_call=k, **kw) for k in (1, 3))
+    assert one["row"]["rollout_calls_per_group"] == 1.0 and one["settings"]["groups_per_call"] == 1
+    assert 1 / 3 <= three["row"]["rollout_calls_per_group"] <= 0.5 and three["settings"]["groups_per_call"] == 3
+    for run in (one, three):
+        ledger = run["ledger"]
+        assert run["row"]["balanced"] and ledger["lost"] == 0 and ledger["counted_twice"] == 0
+        assert ledger["consumed"] == 5 * 6 and ledger["produced"] == ledger["consumed"] + ledger["dropped"]
+    with pytest.raises(ValueError, match="groups_per_call"):
+        Pipeline([], {}, {}, PromptCursor(["p"], 0), StalenessManager(2, 1), Ledger(), seed=0, groups_per_call=0)
+    with pytest.raises(ValueError, match="groups_per_call must be 1"):
+        Pipeline([], {}, {}, PromptCursor(["p"], 0), StalenessManager(2, 1), Ledger(), seed=0, groups_per_call=2,
+                 in_order=True)

@@ -42,6 +42,14 @@ def test_bad_values_name_the_key(override, names):
         load_config(None, [override])
 
 
+def test_deterministic_runs_take_one_group_per_rollout_call():
+    assert load_config(None, ["rollout.groups_per_call=4"]).rollout.groups_per_call == 4
+    with pytest.raises(ConfigError, match="rollout.groups_per_call=1"):
+        load_config(None, ["train.deterministic=true", "rollout.groups_per_call=2"])
+    with pytest.raises(ConfigError, match="rollout.groups_per_call"):
+        load_config(None, ["rollout.groups_per_call=0"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["rollout.group_size"])

@@ -31,8 +31,11 @@ def tiny_config(root: Path, *extra: str):
     return load_config(None, [*TINY, f"rewards.profile={root / 'profile.yaml'}", f"cache_dir={root / 'cache'}", *extra])
 
 
-def test_chaos_kills_actors_and_nothing_is_lost(tmp_path, ray_cluster):
-    cfg = tiny_config(tmp_path, "train.steps=12", "chaos.kill_every_s=0.5", "train.checkpoint_every=100")
+@pytest.mark.parametrize("groups_per_call", [1, 2])
+def test_chaos_kills_actors_and_nothing_is_lost(tmp_path, ray_cluster, groups_per_call):
+    """With rollout.groups_per_call=2 a killed rollout actor takes two groups with it: both are re-run."""
+    cfg = tiny_config(tmp_path, "train.steps=12", "chaos.kill_every_s=0.5", "train.checkpoint_every=100",
+                      f"rollout.groups_per_call={groups_per_call}")
     summary = run_training(cfg, tmp_path / "run", progress=False)
     ledger = summary["ledger"]
     kills = read_metrics(tmp_path / "run")["chaos/kills"]

@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory, ray_cluster):
         "rollout.steps=3", "rollout.group_size=4", "rewards.models={oracle: {kind: oracle}}",
         f"rewards.profile={root / 'profile.yaml'}", "rewards.calibration.samples_per_prompt=2",
         "train.steps=4", "train.groups_per_step=2", "train.checkpoint_every=2", "train.max_staleness=1",
-        "ray.rollout_workers=2", "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2", "eval.steps=3",
+        "rollout.groups_per_call=2", "ray.rollout_workers=2", "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2", "eval.steps=3",
         "eval.seeds_per_prompt=1", "eval.constraint_samples_per_prompt=2", f"cache_dir={root / 'cache'}",
     ])
     run_dir = root / "run"
@@ -69,6 +69,8 @@ def test_ledger_balances_and_metrics_have_one_row_per_step(tiny_run):
     m = read_metrics(run_dir)
     assert list(m["step"]) == list(range(cfg.train.steps))
     assert np.all(m["staleness/max"] <= cfg.train.max_staleness)
+    # rollout.groups_per_call=2: the admission window (4 groups) fills 2 actors with 2 groups each, one call apiece
+    assert np.all(m["pipeline/rollout_calls_per_group"] == 0.5)
     for key in ("reward/ta", "reward/vq", "lambda/vq", "tau/vq", "loss/policy", "throughput/samples_per_s"):
         assert np.isfinite(m[key]).all(), key
     n_weights = sum(p.numel() for p in load_policy(cfg.model, run_dir / "final").trainable_parameters())
