@@ -189,12 +189,11 @@ class Pipeline:
                  describe: dict[str, str] | None = None, in_order: bool = False, sync: BroadcastSync | None = None,
                  groups_per_call: int = 1):
         """per_worker: rollout calls queued per actor, groups_per_call: groups each call generates (see the module
-        docstring); dynamic_grouping: `rollout.dynamic_grouping`
-        (min_std, max_resamples) or None; signal_rewards: the reward names whose spread counts as signal (the learner's
-        channels); fail_after: {pool: N}, end the run after N groups in a row dropped for infrastructure errors of that
-        pool (absent: never); describe: {pool: how errors name it}, e.g. its URL; in_order: `train.deterministic` (see
-        the module docstring; per_worker is then no bound, the staleness capacity is); sync: weights.sync=broadcast
-        (None: every version through the object store)."""
+        docstring); dynamic_grouping: `rollout.dynamic_grouping` (min_std, max_resamples) or None; signal_rewards: the
+        reward names whose spread counts as signal (the learner's channels); fail_after: {pool: N}, end the run after N
+        groups in a row dropped for infrastructure errors of that pool (absent: never); describe: {pool: how errors name
+        it}, e.g. its URL; in_order: `train.deterministic` (see the module docstring; per_worker is then no bound, the
+        staleness capacity is); sync: weights.sync=broadcast (None: every version through the object store)."""
         if per_worker < 1 or groups_per_call < 1:
             raise ValueError(f"per_worker and groups_per_call must be >= 1, got {per_worker}, {groups_per_call}")
         if in_order and groups_per_call != 1:
@@ -332,6 +331,7 @@ class Pipeline:
             self._produced(group, meta)
 
     def _produced(self, group: Group, meta: dict) -> None:
+        """A group generated on the version it was launched for: counted, then sent to every reward pool."""
         self.ledger.produce(group.gid)
         group.version, group.prefix_chunks, group.rollout_seconds = meta["version"], meta["prefix_chunks"], meta["seconds"]
         self.rollout_busy_s += meta["seconds"]
