@@ -393,7 +393,7 @@ def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
                          "group_size": cfg.rollout.group_size, "rollout_workers": cfg.ray.rollout_workers,
                          "max_staleness": cfg.train.max_staleness, "sampler": cfg.rollout.sampler,
                          "rollout_steps": cfg.rollout.steps, "mode": cfg.rollout.mode, "loss": cfg.learner.loss,
-                         "threads": cfg.threads}}
+                         "groups_per_call": cfg.rollout.groups_per_call, "threads": cfg.threads}}
 
 
 def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
@@ -469,7 +469,7 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
         ledger = Ledger()
         pipe = Pipeline(rollouts, {"oracle": pool}, {"oracle": ["vq", "mq", "ta"]}, PromptCursor(prompts, cfg.train.seed),
                         StalenessManager(gps, cfg.train.max_staleness), ledger, seed=cfg.train.seed,
-                        group_size=r.group_size)
+                        group_size=r.group_size, groups_per_call=r.groups_per_call)
         marks = drive(pipe, learner, steps, gps, "ta", pool=pool)
         pipe.close()
     finally:
@@ -482,4 +482,4 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
     balance = ledger.balance(set())
     return {"clips_per_s": (steps - warmup_steps) * gps * r.group_size / window, "seconds": window,
             "util_rollout": (marks[steps]["busy"] - marks[warmup_steps]["busy"]) / (len(rollouts) * window),
-            "ledger": balance}
+            "rollout_calls_per_group": pipe.calls / max(1, pipe.launched), "ledger": balance}

@@ -156,8 +156,9 @@ def test_dropped_groups_give_their_admission_slot_back(ray_cluster):
 def test_real_mode_times_both_loops(ray_cluster):
     cfg = load_config(None, ["model.dim=16", "model.depth=1", "rollout.steps=2", "rollout.group_size=2",
                              "train.groups_per_step=2", "ray.rollout_workers=1", "ray.rollout_cpus=0.2",
-                             "ray.learner_cpus=0.2"])
+                             "ray.learner_cpus=0.2", "rollout.groups_per_call=2"])
     res = real_pipeline(cfg, steps=3, warmup_steps=1)
+    assert res["settings"]["groups_per_call"] == 2 and res["pipeline"]["rollout_calls_per_group"] < 1
     sync, actor = res["rows"]
     assert sync["loop"] == "synchronous" and actor["loop"] == "actor pipeline"
     assert sync["clips_per_s"] > 0 and actor["clips_per_s"] > 0
