@@ -1,7 +1,5 @@
 """Completion queues (finished Ray calls in finishing order) and per-stage idle accounting."""
 
-import time
-
 import pytest
 import ray
 
@@ -10,15 +8,19 @@ from orchestrator.completions import Completions, Occupancy, idle_split
 
 def test_finished_calls_arrive_in_finishing_order_with_their_values_and_errors(ray_cluster):
     @ray.remote(num_cpus=0.01)
-    def after(seconds: float, value):
-        time.sleep(seconds)
+    def after(first: list, value):
+        """Finishes after `first` ([ref], nested so an error in it does not propagate): an order set by data
+        dependencies, not by sleeps a loaded machine may reorder."""
+        ray.wait(first, num_returns=len(first))
         if isinstance(value, Exception):
             raise value
         return value
 
     done = Completions()
-    refs = {tag: after.remote(s, v) for tag, s, v in (("slow", 0.6, 3), ("fast", 0.0, 1), ("bad", 0.3, KeyError("k")))}
-    for tag, ref in refs.items():
+    fast = after.remote([], 1)
+    bad = after.remote([fast], KeyError("k"))
+    slow = after.remote([bad], 3)
+    for tag, ref in (("slow", slow), ("fast", fast), ("bad", bad)):  # watched in another order than they finish
         done.watch(ref, tag)
     got = []
     while len(got) < 3:
