@@ -37,7 +37,6 @@ class RolloutActor(RolloutWorker):
         `rollout.groups_per_call`) -> (batch_1 .. batch_k, payload_1 .. payload_k, [meta_1 .. meta_k])."""
         return outputs_of_many([self.generate(*group, version, weights) for group in groups])
 
-
     def ping(self) -> int:
         return self.version
 

@@ -27,7 +27,7 @@ class SimulatedRollout:
         if rollout_s < 0 or group_size < 1:
             raise ValueError(f"need rollout_s >= 0 and group_size >= 1, got {rollout_s}, {group_size}")
         self.rollout_s, self.group_size, self.version = rollout_s, group_size, -1
-        self.generated = self.calls = self.weight_loads = 0
+        self.generated = self.weight_loads = 0
 
     def set_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
         self.version = version
@@ -52,12 +52,11 @@ class SimulatedRollout:
     def generate_many(self, groups: list[tuple[str, str, int]], version: int | None = None,
                       weights: list | None = None) -> tuple:
         """As actors.rollout.RolloutActor.generate_many: one call, `rollout_s` per group."""
-        self.calls += 1
         return outputs_of_many([self.generate(*group, version, weights) for group in groups])
 
     def stats(self) -> dict[str, int]:
-        """{"generated": groups made, "calls": generate_many calls, "weight_loads": versions taken} by this actor."""
-        return {"generated": self.generated, "calls": self.calls, "weight_loads": self.weight_loads}
+        """{"generated": groups made, "weight_loads": versions taken} by this actor."""
+        return {"generated": self.generated, "weight_loads": self.weight_loads}
 
     def ping(self) -> int:
         return self.version

@@ -35,7 +35,8 @@ from orchestrator.reward_pool import RewardPool
 from orchestrator.staleness import StalenessManager
 
 SIM_COLUMNS = ["actors", "bound", "throughput", "efficiency", "sync_throughput", "speedup", "stale_fraction",
-               "driver_ms_per_group", "rollout_calls_per_group", "reward_calls_per_group", "bottleneck", "idle_rollout", "idle_reward", "idle_learner", "balanced", "seconds"]
+               "driver_ms_per_group", "rollout_calls_per_group", "reward_calls_per_group", "bottleneck", "idle_rollout",
+               "idle_reward", "idle_learner", "balanced", "seconds"]
 SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
 SCALE_COLUMNS = ["reward_replicas", "first_step", "last_step", "measured_from_step", "reward_groups_per_s"]
 REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
@@ -127,13 +128,13 @@ def simulated_pipeline(n_rollout: int, rollout_s: float = 1.0, reward_s: float =
                        groups_per_call: int = 1, reward_batch_max: int = 4) -> dict:
     """One simulated run (groups of one clip) -> JSON-able dict: "row" (SIM_COLUMNS but the sync ones), "steps"
     (SIM_STEP_COLUMNS per step) and "reward_scaling" (reward groups/s per run of steps at one replica count,
-    SCALE_COLUMNS). Durations are seconds of device time per group (rollout, reward) and per learner step;
-    `per_worker` is the Pipeline's rollout calls queued per actor (train_loop uses its default), `groups_per_call`
-    the groups each call carries (`rollout.groups_per_call`), `reward_batch_max` the groups a reward call carries at
-    most (`RewardPool(batch_max)`). The reward pool
-    ("simulated") is resized as in `videorl train`: `scale_at` {step: replicas} requests through the run's control
-    actor, `autoscale` is the pool's autoscaler, and with `named_control` the control actor is `videorl-control`, so
-    `videorl scale --address ... --reward simulated=N` reaches this run from another process."""
+    SCALE_COLUMNS). Durations are seconds of device time per group (rollout, reward) and per learner step; `per_worker`
+    is the Pipeline's rollout calls queued per actor (train_loop uses its default), `groups_per_call` the groups each
+    call carries (`rollout.groups_per_call`), `reward_batch_max` the groups a reward call carries at most
+    (`RewardPool(batch_max)`). The reward pool ("simulated") is resized as in `videorl train`: `scale_at` {step:
+    replicas} requests through the run's control actor, `autoscale` is the pool's autoscaler, and with `named_control`
+    the control actor is `videorl-control`, so `videorl scale --address ... --reward simulated=N` reaches this run from
+    another process."""
     if not 0 <= warmup_steps < steps:
         raise ValueError(f"need 0 <= warmup_steps < steps, got warmup_steps={warmup_steps}, steps={steps}")
     scale_at = {int(k): int(v) for k, v in (scale_at or {}).items()}
