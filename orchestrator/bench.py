@@ -483,4 +483,4 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
     balance = ledger.balance(set())
     return {"clips_per_s": (steps - warmup_steps) * gps * r.group_size / window, "seconds": window,
             "util_rollout": (marks[steps]["busy"] - marks[warmup_steps]["busy"]) / (len(rollouts) * window),
-            "rollout_calls_per_group": pipe.calls / max(1, pipe.launched), "ledger": balance}
+            "rollout_calls_per_group": pipe.rollout_calls_per_group(), "ledger": balance}

@@ -488,6 +488,10 @@ class Pipeline:
         while gid in self.scoring:
             self._collect_scores(timeout=0.01)
 
+    def rollout_calls_per_group(self) -> float:
+        """Generate calls sent per group they carried so far (1 / rollout.groups_per_call when every call is full)."""
+        return self.calls / max(1, self.launched)
+
     def depths(self) -> dict[str, int]:
         return {"rollout": sum(map(len, self.rolling.values())), "reward": len(self.scoring), "ready": len(self.ready)}
 

@@ -287,7 +287,7 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
            "throughput/total_samples_per_s": run.samples / wall,
            "payload/bytes_per_group": (pipe.bytes["batch"] + pipe.bytes["payload"]) / max(1, pipe.bytes["groups"]),
            **{f"queue/{k}": v for k, v in pipe.depths().items()},
-           "pipeline/rollout_calls_per_group": pipe.calls / max(1, pipe.launched),
+           "pipeline/rollout_calls_per_group": pipe.rollout_calls_per_group(),
            **{f"ledger/{k}": v for k, v in run.ledger.balance(pipe.held()).items() if isinstance(v, int)}}
     if run.curriculum:  # the weights this step trained with, and the competence they came from
         row["curriculum/competence"] = run.curriculum.competence

@@ -286,7 +286,7 @@ def test_the_ceiling_is_measured_beside_the_bare_ray_calls(ray_cluster, tmp_path
     assert 0 < pipe["machine_cpu_util"] <= 1.05 and floor["groups_per_s"] > 0  # all cores busy at most (10 ms ticks)
 
 
-def test_groups_per_call_carries_several_groups_in_one_generate_call(ray_cluster):
+def test_groups_per_call_carries_several_groups_in_one_generate_call(ray_cluster, tmp_path):
     """Pipeline(groups_per_call=3) / `--groups-per-call 3`: each call carries up to 3 groups (fewer only when the
     staleness capacity has fewer left), every group is produced, scored and consumed once, and the actors generate
     as many groups as with one call per group."""
@@ -299,6 +299,17 @@ def test_groups_per_call_carries_several_groups_in_one_generate_call(ray_cluster
         ledger = run["ledger"]
         assert run["row"]["balanced"] and ledger["lost"] == 0 and ledger["counted_twice"] == 0
         assert ledger["consumed"] == 5 * 6 and ledger["produced"] == ledger["consumed"] + ledger["dropped"]
+    import json
+
+    from orchestrator.cli import main
+
+    assert main(["bench", "pipeline", "--mode", "simulated", "--actors", "2", "--rollout-s", "0.03", "--reward-s",
+                 "0.005", "--reward-replicas", "1", "--learner-s", "0.01", "--groups-per-step", "6", "--max-staleness",
+                 "2", "--measure-s", "0.5", "--groups-per-call", "3", "--reward-batch-max", "2", "--out",
+                 str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "bench_pipeline.json").read_text())["simulated"]["runs"][0]
+    assert run["settings"]["groups_per_call"] == 3 and run["settings"]["reward_batch_max"] == 2
+    assert run["row"]["rollout_calls_per_group"] <= 0.5 and run["row"]["reward_calls_per_group"] >= 0.5
     with pytest.raises(ValueError, match="groups_per_call"):
         Pipeline([], {}, {}, PromptCursor(["p"], 0), StalenessManager(2, 1), Ledger(), seed=0, groups_per_call=0)
     with pytest.raises(ValueError, match="groups_per_call must be 1"):
