@@ -43,7 +43,8 @@ REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "mea
 
 
 def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: str, pool: RewardPool | None = None,
-          control=None, rules: dict | None = None, scale_at: dict[int, int] | None = None) -> list[dict]:
+          control=None, rules: dict | None = None, scale_at: dict[int, int] | None = None,
+          count_processes: bool = False) -> list[dict]:
     """The training loop (orchestrator/train.py) without metrics or constraints: `Pipeline.learner_step` per step.
     With a `control` actor the reward pools are resized before every step as train_loop resizes them
     (`autoscale.scale_step`: requests from `videorl scale`, else the autoscaling `rules`); `scale_at` {step: n} sends the request `videorl scale
@@ -52,7 +53,8 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
     Returns one mark per step boundary (len steps + 1): {"t": perf_counter s, "cpu": the driver's CPU s, "scored":
     batches the pool has scored, "busy": rollout busy seconds, "replicas": pool size during the step that ended,
     "replicas_up": whether every replica added so far has answered a ping, "clocks": `Pipeline.clocks()`, "stale":
-    groups dropped as stale so far, "produced": groups produced so far}.
+    groups dropped as stale so far, "produced": groups produced so far}; with `count_processes`, "processes":
+    `process_cpu()` (off by default: listing processes would count in the driver's own CPU).
     """
     scale_at, rules, streaks, starting = scale_at or {}, rules or {}, {}, []
     if scale_at and control is None:
@@ -66,7 +68,8 @@ def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: st
                 "rollout_calls": pipe.calls,
                 "busy": pipe.rollout_busy_s,
                 "replicas": pool.size if pool else 0, "replicas_up": up, "clocks": pipe.clocks(),
-                "stale": pipe.ledger.balance(set()).get("dropped_stale", 0), "produced": len(pipe.ledger.produced)}
+                "stale": pipe.ledger.balance(set()).get("dropped_stale", 0), "produced": len(pipe.ledger.produced),
+                **({"processes": process_cpu()} if count_processes else {})}
 
     pipe.publish_from(learner, 0)
     marks = [mark()]
@@ -88,6 +91,33 @@ def _machine_cpu() -> float:
 
     t = psutil.cpu_times()
     return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
+ROLES = {"RolloutActor": "rollout", "RewardWorker": "reward", "LearnerActor": "learner"}
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this process and every process under it, summed by role: "driver", "rollout",
+    "reward", "learner" (the actors of a local cluster, by their process title), "ray" (raylet, GCS, dashboard,
+    idle workers). A remote cluster's processes are not under this one and are not counted."""
+    import psutil
+
+    me, cpu = psutil.Process(), {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t, title = p.cpu_times(), " ".join(p.cmdline())
+        except psutil.Error:  # it ended between listing and reading
+            continue
+        actor = title.split()[0].removeprefix("ray::").split(".")[0] if title.startswith("ray::") else ""
+        role = "driver" if p.pid == me.pid else ROLES.get(actor, "ray")
+        cpu[role] = cpu.get(role, 0.0) + t.user + t.system
+    return cpu
+
+
+def cpu_per_step(before: dict[str, float], after: dict[str, float], steps: int) -> dict[str, float]:
+    """CPU seconds per step by role between two `process_cpu()` readings, and their "total"."""
+    per = {role: (after[role] - before.get(role, 0.0)) / steps for role in after}
+    return {**per, "total": sum(per.values())}
 
 
 def _rate(marks: list[dict], a: int, b: int, key: str) -> float | None:
@@ -386,8 +416,14 @@ def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
     cores = ray.cluster_resources().get("CPU", os.cpu_count()) / cfg.threads
     bound = clips / max(stage["rollout"] / cfg.ray.rollout_workers, stage["reward"], stage["learner"],
                         sum(stage.values()) / cores)
+    # CPU seconds per step of every process (the cluster's own included): the same work can cost the pipeline more
+    # than the loop (its processes share the cores), and what the cores allow it is cores / its CPU per step
+    cpu = {name: res["cpu_seconds_per_step"]["total"] for name, res in (("synchronous", sync), ("pipeline", actor))}
+    for name, res in (("synchronous", sync), ("pipeline", actor)):
+        res["cores_busy"] = cpu[name] * res["clips_per_s"] / clips
     return {"mode": "real", "rows": rows, "ratio": actor["clips_per_s"] / sync["clips_per_s"],
             "bound_clips_per_s": bound, "efficiency": actor["clips_per_s"] / bound,
+            "cpu_ratio": cpu["pipeline"] / cpu["synchronous"], "cpu_bound_clips_per_s": clips * cores / cpu["pipeline"],
             "synchronous": sync, "pipeline": actor,
             "note": f"untrained {cfg.model.kind} policy and the oracle reward: time per step does not depend on the weights",
             "settings": {"steps": steps, "warmup_steps": warmup_steps, "groups_per_step": cfg.train.groups_per_step,
@@ -414,7 +450,7 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
     cursor, n = PromptCursor(prompts, cfg.train.seed), 0
     stage = {"rollout": 0.0, "reward": 0.0, "learner": 0.0}
     worker.set_weights(0, learner.weights())
-    marks = [time.perf_counter()]
+    marks, cpu = [time.perf_counter()], [process_cpu()]
     for step in range(steps):
         t0 = time.perf_counter()
         made = []
@@ -433,13 +469,15 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
         worker.set_weights(step + 1, learner.weights())
         t3 = time.perf_counter()
         marks.append(t3)
+        cpu.append(process_cpu())
         if step >= warmup_steps:
             for key, dt in (("rollout", t1 - t0), ("reward", t2 - t1), ("learner", t3 - t2)):
                 stage[key] += dt
     measured = steps - warmup_steps
     window = marks[steps] - marks[warmup_steps]
     return {"clips_per_s": measured * gps * r.group_size / window, "seconds": window,
-            "stage_seconds_per_step": {k: v / measured for k, v in stage.items()}}
+            "stage_seconds_per_step": {k: v / measured for k, v in stage.items()},
+            "cpu_seconds_per_step": cpu_per_step(cpu[warmup_steps], cpu[steps], measured)}
 
 
 def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
@@ -471,7 +509,7 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
         pipe = Pipeline(rollouts, {"oracle": pool}, {"oracle": ["vq", "mq", "ta"]}, PromptCursor(prompts, cfg.train.seed),
                         StalenessManager(gps, cfg.train.max_staleness), ledger, seed=cfg.train.seed,
                         group_size=r.group_size, groups_per_call=r.groups_per_call)
-        marks = drive(pipe, learner, steps, gps, "ta", pool=pool)
+        marks = drive(pipe, learner, steps, gps, "ta", pool=pool, count_processes=True)
         pipe.close()
     finally:
         pool.shutdown()
@@ -483,4 +521,6 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
     balance = ledger.balance(set())
     return {"clips_per_s": (steps - warmup_steps) * gps * r.group_size / window, "seconds": window,
             "util_rollout": (marks[steps]["busy"] - marks[warmup_steps]["busy"]) / (len(rollouts) * window),
-            "rollout_calls_per_group": pipe.rollout_calls_per_group(), "ledger": balance}
+            "rollout_calls_per_group": pipe.rollout_calls_per_group(), "ledger": balance,
+            "cpu_seconds_per_step": cpu_per_step(marks[warmup_steps]["processes"], marks[steps]["processes"],
+                                                 steps - warmup_steps)}

@@ -440,7 +440,13 @@ def cmd_bench_pipeline(args) -> None:
         print(format_table(real["rows"], bench.REAL_COLUMNS) + f"\npipeline / synchronous = {real['ratio']:.2f}; "
               f"efficiency {real['efficiency']:.2f} of the slowest stage's {real['bound_clips_per_s']:.2f} clips/s "
               f"(stage s/step: " + ", ".join(f"{k} {v:.2f}" for k, v in real["synchronous"]["stage_seconds_per_step"].items())
-              + ")\n")
+              + ")")
+        for name in ("synchronous", "pipeline"):
+            res = real[name]
+            print(f"CPU s/step, {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res["cpu_seconds_per_step"].items())
+                  + f" ({res['cores_busy']:.2f} cores busy)")
+        print(f"the pipeline spends {real['cpu_ratio']:.2f}x the loop's CPU on the same work: the cores allow it "
+              f"{real['cpu_bound_clips_per_s']:.2f} clips/s at most\n")
         result["real"] = real
     if args.mode in ("simulated", "both"):
         kw = dict(rollout_s=args.rollout_s, reward_s=args.reward_s, reward_replicas=args.reward_replicas,

@@ -171,6 +171,15 @@ def test_real_mode_times_both_loops(ray_cluster):
     slowest = max(stages["rollout"], stages["reward"], stages["learner"], sum(stages.values()) / cores)
     assert res["bound_clips_per_s"] == pytest.approx(2 * 2 / slowest)  # the slowest stage's, or the cores', rate
     assert res["efficiency"] == pytest.approx(actor["clips_per_s"] / res["bound_clips_per_s"])
+    # CPU per step by process: the loop does everything in this process, the pipeline in its actors
+    sync_cpu, pipe_cpu = res["synchronous"]["cpu_seconds_per_step"], res["pipeline"]["cpu_seconds_per_step"]
+    assert sync_cpu["driver"] > 0.5 * sync_cpu["total"] and sync_cpu.get("rollout", 0) < 0.1 * sync_cpu["driver"]
+    assert pipe_cpu["rollout"] > 0 and pipe_cpu["learner"] > 0 and pipe_cpu["reward"] > 0
+    assert pipe_cpu["driver"] < pipe_cpu["rollout"] + pipe_cpu["learner"]
+    for cpu in (sync_cpu, pipe_cpu):
+        assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"))
+    assert res["cpu_ratio"] == pytest.approx(pipe_cpu["total"] / sync_cpu["total"])
+    assert res["cpu_bound_clips_per_s"] == pytest.approx(2 * 2 * cores / pipe_cpu["total"])
     with pytest.raises(ValueError, match="warmup_steps"):
         real_pipeline(cfg, steps=2, warmup_steps=2)
 
