@@ -624,6 +624,26 @@ def link(run: Run, out: Path) -> Path:
     return path
 
 
+def take_run(run: Run, out: Path) -> bool:
+    """Hold <out>/runs/<key>.lock for this process (its pid inside); False while another live process holds it, so
+    sweeps started side by side on one output folder split the runs between them instead of redoing them."""
+    lock = out / "runs" / f"{run.key}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)  # the holder is alive (signal 0 only checks)
+                return False
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # a sweep that died holding it: take it over
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
 def execute(run: Run, out: Path, address: str | None) -> float:
     """Run it from scratch in a subprocess of the CLI; output to <run dir>/run.log. Returns seconds."""
     d = (out / "runs" / run.key).resolve()
@@ -699,8 +719,13 @@ def run_claims(claims: list[Claim], out: str | Path, progress: bool | None = Non
             for run in claim.runs:
                 link(run, out)
                 name = f"{run.claim}/{run.variant}/seed{run.seed}"
+                elsewhere = status.get(run.key, "").endswith("(running in another sweep)")
+                held = not elsewhere and take_run(run, out)
                 if run.key in status:  # the same config in another claim (or variant): one run serves both
                     tqdm.write(f"{name}: the same run as {status[run.key]}")
+                elif not held:
+                    status[run.key] = f"{name} (running in another sweep)"
+                    tqdm.write(f"{name}: running in another sweep; run the sweep again afterwards for its values")
                 elif finished(run, out):
                     status[run.key] = f"{name} (reused)"
                     tqdm.write(f"{name}: reused {out / 'runs' / run.key}")
@@ -716,13 +741,15 @@ def run_claims(claims: list[Claim], out: str | Path, progress: bool | None = Non
                         status[run.key] = f"{name} (FAILED)"
                         failed.append(f"{name}: {e}")
                         tqdm.write(f"{name}: FAILED {e}")
-                if finished(run, out) and not long_eval_done(run, out):
+                if held and finished(run, out) and not long_eval_done(run, out):
                     tqdm.write(f"{name}: evaluating {run.long_frames}-frame videos")
                     try:
                         execute_long_eval(run, out)
                     except RunFailed as e:
                         failed.append(f"{name} long eval: {e}")
                         tqdm.write(f"{name}: long eval FAILED {e}")
+                if held:
+                    (out / "runs" / f"{run.key}.lock").unlink()
                 bar.update(1)
             write_results(out, {claim.name: evaluate_claim(claim, out)}, seconds=time.perf_counter() - t0)
     finally:

@@ -190,6 +190,36 @@ def test_seeds_vary_every_random_choice_but_the_held_out_evaluation(tmp_path):
     assert len({r.key for r in runs}) == 4
 
 
+def test_a_run_another_live_sweep_holds_is_left_to_it_and_a_dead_sweeps_lock_is_taken_over(tmp_path, capsys):
+    """Two sweeps on one output folder split the runs: a run whose lock a live process holds is skipped (nothing runs
+    and the lock stays), a lock whose process has ended is taken over."""
+    import os
+    import subprocess
+    import sys
+
+    from orchestrator.claims import run_claims, take_run
+
+    claims_dir = _claim(tmp_path / "claims", "good")
+    claim = load_claims(["good"], claims_dir, seeds=1)[0]
+    out = tmp_path / "out"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for run in claim.runs:
+            (out / "runs").mkdir(parents=True, exist_ok=True)
+            (out / "runs" / f"{run.key}.lock").write_text(str(other.pid))
+        assert run_claims([claim], out, progress=False) == []
+        printed = capsys.readouterr().out
+        assert printed.count("running in another sweep") == len(claim.runs) == 2 and "running train" not in printed
+        assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{r.key}.lock" for r in claim.runs)
+    finally:
+        other.kill()
+        other.wait()
+    run = claim.runs[0]
+    assert take_run(run, out)  # its holder is gone
+    assert (out / "runs" / f"{run.key}.lock").read_text() == str(os.getpid())
+    assert not take_run(run, out)  # held (by this live process)
+
+
 def test_shipped_claims_validate():
     names = available_claims(default_claims_dir())
     assert {"rl_gain", "pid_vs_primal_dual", "btt_bt_regression", "nft_vs_ppo_samples"} <= set(names)
