@@ -829,6 +829,10 @@ def plot_claim(name: str, entry: dict):
     return fig
 
 
+def _md_cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")  # one line, and a | that does not end the cell
+
+
 def _fmt(v: dict) -> str:
     if v["mean"] is None:
         return "—"
@@ -836,15 +840,20 @@ def _fmt(v: dict) -> str:
 
 
 def write_results(out: Path, entries: dict[str, dict], seconds: float | None = None) -> Path:
-    """Merge `entries` into <out>/claims.json (other claims' entries are kept) and rewrite claims.html."""
+    """Merge `entries` into <out>/claims.json (other claims' entries are kept) and rewrite claims.html and claims.md
+    (the same table in Markdown, without the plots: what a README or an issue takes)."""
     path = out / "claims.json"
     data = json.loads(path.read_text()) if path.is_file() else {"claims": {}}
     data["claims"].update(entries)
     if seconds is not None:
         data["last_sweep_seconds"] = round(seconds, 1)
     path.write_text(json.dumps(data, indent=2) + "\n")
-    rows = []
+    rows, md = [], ["| claim | source | variants (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
     for name, e in data["claims"].items():
+        values = "; ".join(f"{metric}: " + ", ".join(f"{v} {_fmt(s)}" for v, s in m["variants"].items())
+                           for metric, m in e["metrics"].items())
+        md.append("| " + " | ".join(_md_cell(c) for c in (f"`{name}`: {e['claim']}", e["source"], values,
+                                                          f"**{e['verdict']}** ({e['why']})")) + " |")
         (out / name).mkdir(parents=True, exist_ok=True)
         plot_claim(name, e).savefig(out / name / "plot.png", dpi=100)
         png = base64.b64encode((out / name / "plot.png").read_bytes()).decode()
@@ -863,6 +872,7 @@ def write_results(out: Path, entries: dict[str, dict], seconds: float | None = N
         "<h1>videorl claims</h1><p>mean ± std over seeds; verdicts by each claim's rule (configs/claims/*.yaml)</p>"
         "<table><tr><th>claim</th><th>source</th><th>variants (mean ± std)</th><th>verdict</th><th>plot</th></tr>"
         + "".join(rows) + "</table>\n")
+    (out / "claims.md").write_text("\n".join(md) + "\n")
     return path
 
 

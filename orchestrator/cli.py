@@ -389,7 +389,7 @@ def cmd_claims(args) -> None:
     start = time.perf_counter()
     failed = run_claims(claims, out)
     print(format_table(summary_rows(out, [c.name for c in claims]), ["claim", "verdict", "why"]))
-    print(f"\nwrote {out / 'claims.json'} and {out / 'claims.html'} ({time.perf_counter() - start:.0f} s)")
+    print(f"\nwrote {out / 'claims.json'}, {out / 'claims.html'} and {out / 'claims.md'} ({time.perf_counter() - start:.0f} s)")
     if failed:
         print(f"{len(failed)} run(s) failed:\n" + "\n".join(failed), file=sys.stderr)
         raise SystemExit(1)
@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(func=cmd_compare)
 
-    help_text = "test each paper's claim over seeds (configs/claims/*.yaml): claims.json and claims.html"
+    help_text = "test each paper's claim over seeds (configs/claims/*.yaml): claims.json, claims.html and claims.md"
     p = sub.add_parser("claims", help=help_text, description=help_text + "; finished runs are reused")
     p.add_argument("items", nargs="*", metavar="NAME | key.sub=value",
                    help="claims to run (default: all) and overrides for every run (e.g. train.steps=20)")

@@ -257,6 +257,9 @@ def test_claims_run_write_a_table_and_are_reused(tmp_path, ray_cluster, profile,
     assert len(json.loads((shared / "long_eval_32" / "long_eval.json").read_text())["windows"]) == 4
     page = (out / "claims.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "inconclusive" in page and "Astrolabe" in page
+    table = (out / "claims.md").read_text().splitlines()  # the same table in Markdown: header, rule, one row a claim
+    assert len(table) == 4 and table[1] == "|---|---|---|---|" and all(row.count(" | ") == 3 for row in table[2:])
+    assert table[2].startswith("| `rl_gain`: ") and "**inconclusive**" in table[2] and "Astrolabe" in table[3]
     # every column and summary field the claims may name is in what the real run wrote
     run_dir = shared
     cfg = load_config(run_dir / "claim_config.yaml")
