@@ -634,9 +634,12 @@ def take_run(run: Run, out: Path) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                os.kill(int(lock.read_text() or 0), 0)  # the holder is alive (signal 0 only checks)
+                holder = lock.read_text()
+                if not holder:  # created, its pid not written yet
+                    return False
+                os.kill(int(holder), 0)  # raises unless the holder is alive (signal 0 only checks)
                 return False
-            except (ProcessLookupError, ValueError, FileNotFoundError):
+            except (ProcessLookupError, FileNotFoundError):
                 lock.unlink(missing_ok=True)  # a sweep that died holding it: take it over
                 continue
         os.write(fd, str(os.getpid()).encode())
