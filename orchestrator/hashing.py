@@ -3,9 +3,12 @@ a cached thing, so a cache key changes whenever the config, the inputs or the co
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -57,3 +60,15 @@ def tree_sha256(path: str | Path) -> str:
         key = f"{st.st_size}:{st.st_mtime_ns}" if st.st_size > BIG_FILE else file_sha256(f)
         digest.update(f"{f.relative_to(path) if f != path else f.name}:{key};".encode())
     return digest.hexdigest()
+
+
+@contextmanager
+def building(entry: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<entry>.lock` while a cache entry is checked and built: a second process (another
+    run or sweep sharing the cache) asking for the same entry waits for the first and then finds it built, instead
+    of building it again into the same temporary directory. The lock goes with the process if it dies."""
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield

@@ -12,7 +12,7 @@ import numpy as np
 from orchestrator.calibrate import calibrate_base_model
 from orchestrator.config import Config, cache_dir
 from orchestrator.evaluation import evaluate
-from orchestrator.hashing import SAMPLING_CODE, code_version, file_sha256, fingerprint
+from orchestrator.hashing import SAMPLING_CODE, building, code_version, file_sha256, fingerprint
 from orchestrator.pretraining import Base, base_policy
 from orchestrator.prompts import load_prompt_file
 from policy.backend import Policy, video_shape
@@ -157,8 +157,14 @@ def ensure_calibration(cfg: Config, base: Base, checkpoints: dict[str, str | Non
     """τ for every shipped profile (and the configured one), measured on the base model's rollouts. models: the
     run's scorers when the caller has built them already (a large reward model loads once)."""
     path = out or calibration_path(cfg, base, checkpoints)
-    if path.is_file() and not force:
-        return path
+    with building(path):
+        if path.is_file() and not force:
+            return path
+        return _calibrate(cfg, base, checkpoints, path, seed, models)
+
+
+def _calibrate(cfg: Config, base: Base, checkpoints: dict[str, str | None], path: Path, seed: int | None,
+               models: dict[str, RewardScorer] | None) -> Path:
     from rewards.calibration import available_profiles
 
     models = models or scorers(cfg, checkpoints)

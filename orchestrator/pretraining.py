@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from orchestrator.config import Config, base_checkpoint_dir, base_key
+from orchestrator.hashing import building
 from policy.backend import Policy, encode_prompt_table, init_policy, load_policy, without_adapters
 from policy.pretrain import pretrain
 from rewards.world import sft_dataset, to_uint8
@@ -72,8 +73,9 @@ def ensure_base_model(cfg: Config, force: bool = False, progress: bool = True) -
     if cfg.pretrain is None:
         return None
     out_dir = base_checkpoint_dir(cfg)
-    if force or not (out_dir / DONE).is_file():
-        return train_base_model(cfg, out_dir, progress)
+    with building(out_dir):
+        if force or not (out_dir / DONE).is_file():
+            return train_base_model(cfg, out_dir, progress)
     return out_dir
 
 

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from orchestrator.hashing import SAMPLING_CODE, code_version, file_sha256, fingerprint
+from orchestrator.hashing import SAMPLING_CODE, building, code_version, file_sha256, fingerprint
 from rewards import losses, oracle
 from rewards.feedback import ClickLog, UserPopulation, auc, train_engagement
 from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpec, read_preference_data,
@@ -126,14 +126,14 @@ def ensure_preference_data(pref_cfg: PreferenceDataConfig, base, cache: Path, mo
 
     code = code_version("rewards.preference", "rewards.oracle", "rewards.world", "orchestrator.reward_data", *SAMPLING_CODE)
     out = Path(cache) / f"prefdata-{fingerprint(pref_cfg, base.key, mode, steps, shift, code)}"
-    if force or not (out / "pairs.parquet").is_file():
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        # write_preference_data is itself atomic (temp dir + rename)
-        info = build_preference_dataset(pref_cfg, base.load().eval(), out, mode=mode, steps=steps, progress=progress,
-                                        shift=shift)
-        (out / "summary.json").write_text(json.dumps({**info, "seconds": round(time.perf_counter() - start, 1),
-                                                      "base_checkpoint": str(base.path)}, indent=2))
+    with building(out):
+        if force or not (out / "pairs.parquet").is_file():
+            start = time.perf_counter()
+            # write_preference_data is itself atomic (temp dir + rename)
+            info = build_preference_dataset(pref_cfg, base.load().eval(), out, mode=mode, steps=steps,
+                                            progress=progress, shift=shift)
+            (out / "summary.json").write_text(json.dumps({**info, "seconds": round(time.perf_counter() - start, 1),
+                                                          "base_checkpoint": str(base.path)}, indent=2))
     return out
 
 
@@ -163,23 +163,24 @@ def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Pat
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
     data_dir = Path(data_dir)
     out = reward_model_dir(train_cfg, data_dir, cache, loss)
-    if not force and (out / "model.safetensors").is_file() and (out / "train.json").is_file():
-        return out
-    train = _split_pairs(data_dir, "train")
-    torch.manual_seed(train_cfg.seed)
-    model = VideoReward(train_cfg.model)
-    start = time.perf_counter()
-    history = train_reward_model(model, train, loss, steps=train_cfg.steps, batch_size=train_cfg.batch_size,
-                                 lr=train_cfg.lr, seed=train_cfg.seed, progress=progress, augment=train_cfg.augment)
-    seconds = time.perf_counter() - start
-    tmp = _fresh_tmp(out)
-    model.save(tmp)
-    (tmp / "train.json").write_text(json.dumps({
-        "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
-        "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
-        "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
-    }, indent=2))
-    return _publish(tmp, out)
+    with building(out):
+        if not force and (out / "model.safetensors").is_file() and (out / "train.json").is_file():
+            return out
+        train = _split_pairs(data_dir, "train")
+        torch.manual_seed(train_cfg.seed)
+        model = VideoReward(train_cfg.model)
+        start = time.perf_counter()
+        history = train_reward_model(model, train, loss, steps=train_cfg.steps, batch_size=train_cfg.batch_size,
+                                     lr=train_cfg.lr, seed=train_cfg.seed, progress=progress, augment=train_cfg.augment)
+        seconds = time.perf_counter() - start
+        tmp = _fresh_tmp(out)
+        model.save(tmp)
+        (tmp / "train.json").write_text(json.dumps({
+            "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
+            "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
+            "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
+        }, indent=2))
+        return _publish(tmp, out)
 
 
 def videoalign_model_dir(train_cfg: VideoAlignTrainConfig, data_dir: Path, cache: Path, loss: str | None = None) -> Path:
@@ -202,22 +203,23 @@ def ensure_videoalign_model(train_cfg: VideoAlignTrainConfig, data_dir: Path, ca
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
     data_dir = Path(data_dir)
     out = videoalign_model_dir(train_cfg, data_dir, cache, loss)
-    if not force and (out / "model.pth").is_file() and (out / "train.json").is_file():
-        return out
-    train = read_preference_data(data_dir, "train")
-    model = build_tiny_videoalign(seed=train_cfg.seed)
-    start = time.perf_counter()
-    history = train_videoalign(model, train, loss, steps=train_cfg.steps, batch_size=train_cfg.batch_size,
-                               lr=train_cfg.lr, k=RAO_KUPPER_K, seed=train_cfg.seed, progress=progress)
-    seconds = time.perf_counter() - start
-    tmp = _fresh_tmp(out)
-    save_videoalign_checkpoint(model, tmp, base_name="tiny-random-qwen2_vl")
-    (tmp / "train.json").write_text(json.dumps({
-        "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
-        "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
-        "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
-    }, indent=2))
-    return _publish(tmp, out)
+    with building(out):
+        if not force and (out / "model.pth").is_file() and (out / "train.json").is_file():
+            return out
+        train = read_preference_data(data_dir, "train")
+        model = build_tiny_videoalign(seed=train_cfg.seed)
+        start = time.perf_counter()
+        history = train_videoalign(model, train, loss, steps=train_cfg.steps, batch_size=train_cfg.batch_size,
+                                   lr=train_cfg.lr, k=RAO_KUPPER_K, seed=train_cfg.seed, progress=progress)
+        seconds = time.perf_counter() - start
+        tmp = _fresh_tmp(out)
+        save_videoalign_checkpoint(model, tmp, base_name="tiny-random-qwen2_vl")
+        (tmp / "train.json").write_text(json.dumps({
+            "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
+            "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
+            "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
+        }, indent=2))
+        return _publish(tmp, out)
 
 
 @torch.no_grad()
@@ -436,31 +438,32 @@ def ensure_engagement_model(eng_cfg: EngagementConfig, base, cache: Path, force:
     code = code_version("rewards.feedback", "rewards.world", "rewards.preference", "orchestrator.reward_data",
                         "orchestrator.reward_training", *SAMPLING_CODE)
     out = Path(cache) / f"engagement-{fingerprint(eng_cfg, base.key, mode, steps, shift, code)}"
-    if not force and (out / "model.safetensors").is_file() and (out / "engagement.json").is_file():
-        return out, json.loads((out / "engagement.json").read_text())
-    start = time.perf_counter()
-    logs = engagement_logs(eng_cfg, base, mode, steps, progress, shift)
-    seen = ~np.isnan(logs["clicks"])
-    train, test = seen & ~logs["heldout"], seen & logs["heldout"]
-    if len(set(logs["clicks"][test].tolist())) < 2 or len(set(logs["clicks"][train].tolist())) < 2:
-        raise ValueError("engagement logs need clicks and non-clicks in both the training and held-out impressions; "
-                         "raise log_clips or impression_rate")
-    predictor = train_engagement(ClickLog(logs["videos"][train], logs["clicks"][train]), steps=eng_cfg.steps,
-                                 batch_size=eng_cfg.batch_size, lr=eng_cfg.lr, seed=eng_cfg.seed, progress=progress)
-    labels = logs["clicks"][test].astype(np.int64)
-    metrics = {
-        "auc_predictor": auc(predictor.predict(logs["videos"][test]), labels),
-        "auc_constant": auc(np.full(len(labels), 0.5), labels),
-        "auc_true_probability": auc(logs["p_click"][test], labels),
-        # the best a predictor that does not know WHICH user saw the clip can hope for
-        "auc_population_probability": auc(UserPopulation(eng_cfg.seed, eng_cfg.n_users).click_probability(
-            logs["videos"][test]), labels),
-        "train_impressions": int(train.sum()), "heldout_impressions": int(test.sum()),
-        "clips": len(logs["clicks"]), "click_rate": float(np.nanmean(logs["clicks"])),
-        "seconds": round(time.perf_counter() - start, 1), "mix": eng_cfg.mix,
-        "config": eng_cfg.model_dump(mode="json"), "base_checkpoint": str(base.path),
-    }
-    tmp = _fresh_tmp(out)
-    predictor.save(tmp / "model.safetensors")
-    (tmp / "engagement.json").write_text(json.dumps(metrics, indent=2))
-    return _publish(tmp, out), metrics
+    with building(out):
+        if not force and (out / "model.safetensors").is_file() and (out / "engagement.json").is_file():
+            return out, json.loads((out / "engagement.json").read_text())
+        start = time.perf_counter()
+        logs = engagement_logs(eng_cfg, base, mode, steps, progress, shift)
+        seen = ~np.isnan(logs["clicks"])
+        train, test = seen & ~logs["heldout"], seen & logs["heldout"]
+        if len(set(logs["clicks"][test].tolist())) < 2 or len(set(logs["clicks"][train].tolist())) < 2:
+            raise ValueError("engagement logs need clicks and non-clicks in both the training and held-out impressions; "
+                             "raise log_clips or impression_rate")
+        predictor = train_engagement(ClickLog(logs["videos"][train], logs["clicks"][train]), steps=eng_cfg.steps,
+                                     batch_size=eng_cfg.batch_size, lr=eng_cfg.lr, seed=eng_cfg.seed, progress=progress)
+        labels = logs["clicks"][test].astype(np.int64)
+        metrics = {
+            "auc_predictor": auc(predictor.predict(logs["videos"][test]), labels),
+            "auc_constant": auc(np.full(len(labels), 0.5), labels),
+            "auc_true_probability": auc(logs["p_click"][test], labels),
+            # the best a predictor that does not know WHICH user saw the clip can hope for
+            "auc_population_probability": auc(UserPopulation(eng_cfg.seed, eng_cfg.n_users).click_probability(
+                logs["videos"][test]), labels),
+            "train_impressions": int(train.sum()), "heldout_impressions": int(test.sum()),
+            "clips": len(logs["clicks"]), "click_rate": float(np.nanmean(logs["clicks"])),
+            "seconds": round(time.perf_counter() - start, 1), "mix": eng_cfg.mix,
+            "config": eng_cfg.model_dump(mode="json"), "base_checkpoint": str(base.path),
+        }
+        tmp = _fresh_tmp(out)
+        predictor.save(tmp / "model.safetensors")
+        (tmp / "engagement.json").write_text(json.dumps(metrics, indent=2))
+        return _publish(tmp, out), metrics
