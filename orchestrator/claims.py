@@ -1,4 +1,5 @@
-"""`videorl claims [NAME ...] [key.sub=value ...] [--seeds N] [--out DIR]`: each paper's claim tested over seeds.
+"""`videorl claims [NAME ...] [key.sub=value ...] [--seeds N] [--out DIR] [--jobs J]`: each paper's claim tested over
+seeds.
 
 Names and overrides come before the options; the overrides apply to every run (e.g. train.steps=20 for a quick look)
 and may not touch a key a variant or the seed sets.
@@ -27,7 +28,9 @@ one Ray cluster the sweep starts once. It lives in `<out>/runs/<hash of its reso
 once, and a run whose summary.json is complete is reused, so an interrupted sweep goes on where it stopped (a run
 cut short is redone). Code changes do not invalidate finished runs: delete `<out>/runs` to redo them. Inputs (base
 model, preference data, reward models, calibration) are cached by content ($VIDEORL_CACHE), so the variants of a
-seed share them.
+seed share them. A sweep holds `<out>/runs/<hash>.lock` while it runs one, so sweeps side by side on one output
+folder split the runs (`--jobs J` starts J - 1 more, then writes the results of all; a cache entry is built once,
+under its own lock, whichever asks first).
 
 Metric SPEC, one number per run (only what runs write is accepted: `summary_fields`, `metric_columns`):
   "a.b.c"                               a summary.json field, e.g. oracle.after.overall
@@ -46,8 +49,8 @@ noise); SE = std of the per-seed differences / √n. Every rule with fewer than 
   a rule names `metric: NAME` when the claim has several metrics.
 
 Writes `<out>/claims.json` (per claim: claim, source, rule, per-seed values, mean ± std, verdict and why; entries of
-claims not run this time are kept) and `<out>/claims.html` (the table, one plot per claim embedded; also
-`<out>/<claim>/plot.png`).
+claims not run this time are kept), `<out>/claims.html` (the table, one plot per claim embedded; also
+`<out>/<claim>/plot.png`) and `<out>/claims.md` (the table in Markdown).
 """
 
 from __future__ import annotations
@@ -676,11 +679,15 @@ def execute(run: Run, out: Path, address: str | None) -> float:
     return seconds
 
 
+def _child_env() -> dict[str, str]:
+    """This process's environment with this checkout first on PYTHONPATH: a child process runs the same code."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def _cli(cmd: list[str], log_path: Path) -> None:
     """One CLI command in a subprocess of this checkout's code, its output to `log_path`; RunFailed if it fails."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=os.getcwd()).returncode
     if rc:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         raise RunFailed(f"exit {rc}: {lines[-1] if lines else 'no output'} (log: {log_path})")
@@ -704,6 +711,19 @@ def _cluster_address(cfg: Config) -> tuple[str, bool]:
     started = not ray.is_initialized()
     connect(cfg)
     return ray.get_runtime_context().gcs_address, started
+
+
+def side_sweeps(argv: list[str], out: Path, n: int) -> list[tuple[subprocess.Popen, Path]]:
+    """Start `n` more `videorl claims <argv> --out <out>` processes, each writing <out>/sweep-<i>.log: with this
+    one they take the runs one at a time in the same order, a run held by one (`take_run`) skipped by the others."""
+    out.mkdir(parents=True, exist_ok=True)
+    sweeps = []
+    for i in range(1, n + 1):
+        log = out / f"sweep-{i}.log"
+        with open(log, "w") as f:
+            sweeps.append((subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "claims", *argv, "--out",
+                                             str(out)], stdout=f, stderr=subprocess.STDOUT, env=_child_env()), log))
+    return sweeps
 
 
 def run_claims(claims: list[Claim], out: str | Path, progress: bool | None = None) -> list[str]:

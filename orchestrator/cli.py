@@ -379,15 +379,25 @@ def cmd_compare(args) -> None:
 
 
 def cmd_claims(args) -> None:
-    from orchestrator.claims import load_claims, run_claims, summary_rows
+    from orchestrator.claims import evaluate_claim, load_claims, run_claims, side_sweeps, summary_rows, write_results
     from orchestrator.tables import format_table
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     names = [a for a in args.items if "=" not in a]
     overrides = [a for a in args.items if "=" in a]
     claims = load_claims(names, args.claims_dir, seeds=args.seeds, overrides=overrides)  # every run checked first
     out = Path(args.out)
     start = time.perf_counter()
+    same = [*args.items, *(["--seeds", str(args.seeds)] if args.seeds else []),
+            *(["--claims-dir", args.claims_dir] if args.claims_dir else [])]
+    sweeps = side_sweeps(same, out, args.jobs - 1)  # the same sweep beside this one: the run locks split the runs
     failed = run_claims(claims, out)
+    for i, (proc, log) in enumerate(sweeps, 1):
+        if proc.wait():
+            failed.append(f"sweep {i} exited {proc.returncode} (log: {log})")
+    if sweeps:  # every sweep's runs, now that all have finished
+        write_results(out, {c.name: evaluate_claim(c, out) for c in claims}, seconds=time.perf_counter() - start)
     print(format_table(summary_rows(out, [c.name for c in claims]), ["claim", "verdict", "why"]))
     print(f"\nwrote {out / 'claims.json'}, {out / 'claims.html'} and {out / 'claims.md'} ({time.perf_counter() - start:.0f} s)")
     if failed:
@@ -607,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per claim (default: each claim's `seeds`)")
     p.add_argument("--out", default="runs/claims", help="output folder (default runs/claims)")
     p.add_argument("--claims-dir", help="folder of claim YAMLs (default configs/claims)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once: this many sweeps side by side, each a run at a "
+                   "time on its own local Ray cluster (default 1; 2 on 2 cores: runs that build cached inputs use "
+                   "one core)")
     p.set_defaults(func=cmd_claims)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")

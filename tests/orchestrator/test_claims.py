@@ -1,6 +1,6 @@
 """`videorl claims`: decision rules and metrics on known numbers, bad claim files named before any run, and one
-real sweep through the CLI (two claims sharing a run, one with the long-video evaluation, 1 seed) that a second
-invocation reuses."""
+real sweep through the CLI (two claims sharing a run, one with the long-video evaluation, 1 seed; two sweeps side by
+side, `--jobs 2`) that a second invocation reuses."""
 
 import json
 import math
@@ -239,8 +239,9 @@ def test_claims_run_write_a_table_and_are_reused(tmp_path, ray_cluster, profile,
             "eval.steps=3", "eval.seeds_per_prompt=1", "eval.constraint_samples_per_prompt=1",
             f"cache_dir={tmp_path / 'cache'}"]
     argv = ["claims", "rl_gain", "streaming_long", *tiny, "--seeds", "1", "--out", str(out)]
-    assert main(argv) == 0
-    first = capsys.readouterr().out
+    assert main([*argv, "--jobs", "2"]) == 0  # a second sweep beside this one: each takes one of the 2 runs
+    first = capsys.readouterr().out + (out / "sweep-1.log").read_text()
+    assert first.count("running in another sweep") >= 1  # the run the other sweep held was left to it
     data = json.loads((out / "claims.json").read_text())["claims"]
     for name in ("rl_gain", "streaming_long"):
         assert data[name]["verdict"] == INCONCLUSIVE
@@ -250,7 +251,7 @@ def test_claims_run_write_a_table_and_are_reused(tmp_path, ray_cluster, profile,
     # run): 2 runs made, 3 used
     shared = (out / "rl_gain/rl/seed0").resolve()
     assert shared == (out / "streaming_long/clip/seed0").resolve()
-    assert len(list((out / "runs").iterdir())) == 2 and first.count(": running train") == 2
+    assert len(list((out / "runs").iterdir())) == 2 and first.count(": running train") == 2  # none twice
     assert first.count("evaluating 32-frame videos") == 2
     long = data["streaming_long"]["metrics"]["long_overall"]["variants"]
     assert 0 < long["clip"]["seeds"]["0"] < 1 and 0 < long["streaming"]["seeds"]["0"] < 1
