@@ -174,7 +174,8 @@ def test_real_mode_times_both_loops(ray_cluster):
     # CPU per step by process: the loop does everything in this process, the pipeline in its actors
     sync_cpu, pipe_cpu = res["synchronous"]["cpu_seconds_per_step"], res["pipeline"]["cpu_seconds_per_step"]
     assert sync_cpu["driver"] > 0.5 * sync_cpu["total"] and sync_cpu.get("rollout", 0) < 0.1 * sync_cpu["driver"]
-    assert pipe_cpu["rollout"] > 0 and pipe_cpu["learner"] > 0 and pipe_cpu["reward"] > 0
+    assert {"driver", "rollout", "reward", "learner", "ray"} <= set(pipe_cpu)  # the reward actor's few ms may round to 0
+    assert pipe_cpu["rollout"] > 0 and pipe_cpu["learner"] > 0
     assert pipe_cpu["driver"] < pipe_cpu["rollout"] + pipe_cpu["learner"]
     for cpu in (sync_cpu, pipe_cpu):
         assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"))
