@@ -45,4 +45,4 @@ def test_two_processes_asking_for_one_base_model_build_it_once(tmp_path):
     assert sorted(r["built"] for r in results) == [0, 1]  # one built it, the other waited and reused it
     base = Path(results[0]["path"])
     assert (base / DONE).is_file()
-    assert sorted(p.name for p in base.parent.iterdir()) == [base.name, base.name + ".lock"]  # no half-built leftover
+    assert sorted(p.name for p in base.parent.iterdir()) == [f".{base.name}.lock", base.name]  # no half-built leftover

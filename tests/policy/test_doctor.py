@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from policy.backend import cpu_supports_bfloat16
 from policy.doctor import run_checks
 from policy.model import ModelConfig
 from policy.wan.config import LoraConfig, WanConfig
@@ -28,6 +29,10 @@ def test_videodit_passes_every_check_and_bf16_rollouts_fail_the_ratio():
     named = by_name(checks)
     assert 0 < named["on-policy importance ratio"].value < 1e-5  # float noise only: a real, nonzero measurement
     assert "evicts" in named["cached streaming vs teacher forcing"].note
+    if not cpu_supports_bfloat16():  # bfloat16 is refused on this CPU before any check runs, with the reason
+        with pytest.raises(ValueError, match="=bfloat16 needs a CPU with native bfloat16"):
+            run_checks(cfg, None, trained=False, rollout_dtype="bfloat16", **SAMPLING)
+        return
     broken = by_name(run_checks(cfg, None, trained=False, rollout_dtype="bfloat16", **SAMPLING))
     ratio = broken["importance ratio"]
     assert not ratio.passed and ratio.value > ratio.tolerance and "bfloat16" in ratio.name
@@ -55,6 +60,9 @@ def test_the_cli_prints_a_table_writes_json_and_exits_1_on_a_failure(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "every check passed" in ok.stdout and (tmp_path / "doctor.json").is_file()
     bad = subprocess.run([*args, "rollout.dtype=bfloat16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if not cpu_supports_bfloat16():  # refused up front on this CPU: one line naming the key, exit 2
+        assert bad.returncode == 2 and "=bfloat16 needs a CPU with native bfloat16" in bad.stderr
+        return
     assert bad.returncode == 1
     line = next(row for row in bad.stdout.splitlines() if row.startswith("importance ratio, rollout bfloat16"))
     assert "FAIL" in line and float(line.split()[7]) > float(line.split()[8])  # value > tolerance, printed
