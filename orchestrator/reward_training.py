@@ -109,6 +109,17 @@ def _publish(tmp: Path, out: Path) -> Path:
     return out
 
 
+def _write_train_json(tmp: Path, train_cfg, loss: str, pairs: int, seconds: float, history: list[float],
+                      data_dir: Path) -> None:
+    """train.json of a trained reward model: {loss, steps, pairs, seconds, loss_first, loss_final (means over the
+    first/last 20 steps), data, config}."""
+    (tmp / "train.json").write_text(json.dumps({
+        "loss": loss, "steps": train_cfg.steps, "pairs": pairs, "seconds": round(seconds, 1),
+        "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
+        "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
+    }, indent=2))
+
+
 def _fresh_tmp(out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -175,11 +186,7 @@ def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Pat
         seconds = time.perf_counter() - start
         tmp = _fresh_tmp(out)
         model.save(tmp)
-        (tmp / "train.json").write_text(json.dumps({
-            "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
-            "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
-            "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
-        }, indent=2))
+        _write_train_json(tmp, train_cfg, loss, len(train), seconds, history, data_dir)
         return _publish(tmp, out)
 
 
@@ -214,11 +221,7 @@ def ensure_videoalign_model(train_cfg: VideoAlignTrainConfig, data_dir: Path, ca
         seconds = time.perf_counter() - start
         tmp = _fresh_tmp(out)
         save_videoalign_checkpoint(model, tmp, base_name="tiny-random-qwen2_vl")
-        (tmp / "train.json").write_text(json.dumps({
-            "loss": loss, "steps": train_cfg.steps, "pairs": len(train), "seconds": round(seconds, 1),
-            "loss_first": float(np.mean(history[:20])), "loss_final": float(np.mean(history[-20:])),
-            "data": str(data_dir), "config": train_cfg.model_copy(update={"loss": loss}).model_dump(mode="json"),
-        }, indent=2))
+        _write_train_json(tmp, train_cfg, loss, len(train), seconds, history, data_dir)
         return _publish(tmp, out)
 
 

@@ -167,6 +167,8 @@ def test_cli_names_unknown_claims_and_bad_files_and_runs_nothing(tmp_path, capsy
     out = tmp_path / "out"
     assert main(["claims", "nope", "--claims-dir", str(claims_dir), "--out", str(out)]) == 2
     assert "unknown claim 'nope'; available in" in capsys.readouterr().err
+    assert main(["claims", "good", "--jobs", "0", "--claims-dir", str(claims_dir), "--out", str(out)]) == 2
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
     # the good claim comes first, but nothing runs: every claim is checked before the first run
     assert main(["claims", "good", "bad", "--claims-dir", str(claims_dir), "--out", str(out)]) == 2
     assert "bad.yaml" in capsys.readouterr().err and not out.exists()
