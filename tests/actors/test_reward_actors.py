@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.failures import InfraError
 from actors.reward import RewardWorker, reward_actor
@@ -52,6 +52,19 @@ def _assert_each_batch_scored_once(results, batches):
         np.testing.assert_array_equal(got[bid], direct[bid])
 
 
+def _when_back(method, timeout_s=120.0):
+    """method.remote()'s value once the actor answers: a restarting actor refuses calls until it is up again
+    (ActorUnavailableError), which on a loaded machine can outlast the pool's drain."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(method.remote(), timeout=30)
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_cluster):
     batches = _batches(24)
     # every batch its own call, sent at once (12 queued on each replica, none left in the driver to reach the
@@ -74,7 +87,7 @@ def test_killing_a_replica_mid_batch_loses_nothing_and_counts_nothing_twice(ray_
         c = pool.counters
         assert c.retried >= in_flight_on_victim - 1 > 0  # the victim's queue was retried (one may have finished)
         assert (c.submitted, c.scored, c.failed) == (24, 24, 0)
-        after = ray.get(victim.ping.remote(), timeout=30), ray.get(victim.stats.remote(), timeout=30)
+        after = _when_back(victim.ping), ray.get(victim.stats.remote(), timeout=30)
         assert after[0] == "reward-kill-0"  # Ray restarted it under the same name and handle ...
         assert after[1]["pid"] != before["pid"] and after[1]["batches"] == 0  # ... as a fresh process
     finally:
