@@ -343,7 +343,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     """Everything `videorl train` does: inputs (cached), actors, the loop, before/after evaluation, report."""
     from orchestrator.cluster import check_fits, connect
     from orchestrator.evaluation import evaluate
-    from orchestrator.inputs import check_rewards_fit, held_out_reward_means, prepare
+    from orchestrator.inputs import check_rewards_fit, held_out_reward_means, prepare, training_prompts
     from orchestrator.report import write_report
     from policy.backend import check_dtype, check_policy_config, default_device
 
@@ -355,6 +355,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     if cfg.ray.rollout_gpus == 0 and cfg.rollout.dtype:
         check_dtype(cfg.rollout.dtype, "cpu", key="rollout.dtype")
     check_rewards_fit(cfg)
+    training_prompts(cfg)  # a bad prompt file is named before a cluster starts
     cfg = one_rollout_actor_if_deterministic(cfg)
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)

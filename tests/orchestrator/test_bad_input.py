@@ -55,11 +55,15 @@ def test_contradictory_or_invalid_settings(overrides, fragments, tmp_path):
 def test_bad_prompt_files(content, fragments, tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes(content)
-    one_line_error(videorl("train", f"data.prompts={path}", tmp=tmp_path), str(path), *fragments)
+    out = videorl("train", f"data.prompts={path}", tmp=tmp_path)
+    one_line_error(out, str(path), *fragments)
+    assert "Ray dashboard" not in out.stdout + out.stderr  # named before a cluster starts
 
 
 def test_missing_prompt_file(tmp_path):
-    one_line_error(videorl("train", f"data.prompts={tmp_path / 'nope.txt'}", tmp=tmp_path), "nope.txt")
+    out = videorl("train", f"data.prompts={tmp_path / 'nope.txt'}", tmp=tmp_path)
+    one_line_error(out, "nope.txt")
+    assert "Ray dashboard" not in out.stdout + out.stderr
 
 
 def test_corrupt_and_truncated_checkpoints(tmp_path):
