@@ -38,8 +38,9 @@ def head_node():
            f"--object-manager-port={object_manager}"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     yield f"http://127.0.0.1:{dash}", env
-    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started ...
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # ... but may take 30 s or more to do it: the whole group goes at once
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
