@@ -26,20 +26,15 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults-cache")  # one base model and calibration for every run here
-
-
-def tiny_config(root: Path, cache: Path, *extra: str):
+def tiny_config(root: Path, *extra: str):
     (root / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 0.5}\n")
-    return load_config(None, [*TINY, f"rewards.profile={root / 'profile.yaml'}", f"cache_dir={cache}", *extra])
+    return load_config(None, [*TINY, f"rewards.profile={root / 'profile.yaml'}", f"cache_dir={root / 'cache'}", *extra])
 
 
 @pytest.mark.parametrize("groups_per_call", [1, 2])
-def test_chaos_kills_actors_and_nothing_is_lost(tmp_path, cache, ray_cluster, groups_per_call):
+def test_chaos_kills_actors_and_nothing_is_lost(tmp_path, ray_cluster, groups_per_call):
     """With rollout.groups_per_call=2 a killed rollout actor takes two groups with it: both are re-run."""
-    cfg = tiny_config(tmp_path, cache, "train.steps=12", "chaos.kill_every_s=0.5", "train.checkpoint_every=100",
+    cfg = tiny_config(tmp_path, "train.steps=12", "chaos.kill_every_s=0.5", "train.checkpoint_every=100",
                       f"rollout.groups_per_call={groups_per_call}")
     summary = run_training(cfg, tmp_path / "run", progress=False)
     ledger = summary["ledger"]
@@ -49,11 +44,11 @@ def test_chaos_kills_actors_and_nothing_is_lost(tmp_path, cache, ray_cluster, gr
     assert ledger["consumed"] == 12 * 2
 
 
-def test_lambda_stays_continuous_when_the_controller_dies(tmp_path, cache, ray_cluster):
+def test_lambda_stays_continuous_when_the_controller_dies(tmp_path, ray_cluster):
     """A strict constraint (τ 3.0 on an oracle score <= 1) keeps λ climbing by ~Ki·Δ per step; a controller that
     restarted from scratch would drop it back to about one step's worth."""
     (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 3.0}\n")
-    cfg = load_config(None, [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={cache}",
+    cfg = load_config(None, [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={tmp_path / 'cache'}",
                              "train.steps=12", "chaos.kill_every_s=0.3", "chaos.roles=[controller]",
                              "train.checkpoint_every=100"])
     run_training(cfg, tmp_path / "run", progress=False)
@@ -67,10 +62,10 @@ def _train_cmd(cfg_args: list[str], *extra: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "train", *cfg_args, *extra]
 
 
-def test_killed_driver_resumes_without_repeating_steps(tmp_path, cache):
+def test_killed_driver_resumes_without_repeating_steps(tmp_path):
     """SIGKILL the whole `videorl train` process group after its step-4 checkpoint, then --resume."""
     (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 3.0}\n")  # strict: λ must rise
-    args = [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={cache}",
+    args = [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={tmp_path / 'cache'}",
             "train.steps=10", "train.checkpoint_every=2", f"train.run_dir={tmp_path / 'run'}", "ray.num_cpus=2"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(_train_cmd(args), cwd=ROOT, env=env, start_new_session=True,
@@ -96,10 +91,10 @@ def test_killed_driver_resumes_without_repeating_steps(tmp_path, cache):
     assert saved["lambdas"]["vq"] > 0  # so the check above could fail if λ restarted from 0
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_summarises(tmp_path, cache):
+def test_sigterm_finishes_the_step_checkpoints_and_summarises(tmp_path):
     """SIGTERM to `videorl train` mid-run (after ray.init, which installs a SIGTERM handler of its own)."""
     (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 0.5}\n")
-    args = [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={cache}",
+    args = [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={tmp_path / 'cache'}",
             "train.steps=1000", "train.checkpoint_every=500", f"train.run_dir={tmp_path / 'run'}", "ray.num_cpus=2"]
     proc = subprocess.Popen(_train_cmd(args), cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,13 +111,13 @@ def test_sigterm_finishes_the_step_checkpoints_and_summarises(tmp_path, cache):
     assert list(read_metrics(tmp_path / "run")["step"]) == list(range(summary["steps"]))
 
 
-def test_a_learner_group_killed_mid_run_restarts_from_its_checkpoint(tmp_path, cache, ray_cluster):
+def test_a_learner_group_killed_mid_run_restarts_from_its_checkpoint(tmp_path, ray_cluster):
     """Chaos kills learner ranks (2 FSDP2 ranks) as well as rollout and reward actors: each learner death starts a new
     group from the latest checkpoint; the steps after it run again, each once in metrics.parquet, and the ledger of
     the surviving run is balanced with nothing lost. Chaos seed 0 picks victims learner, learner, rollout, reward, ...
     (victims: rollout-0, rollout-1, the oracle replica, learner ranks 0 and 1), so the first kill takes the learner."""
-    cfg = tiny_config(tmp_path, cache, "train.steps=10", "chaos.kill_every_s=2",
-                      "chaos.roles=[learner, rollout, reward]", "chaos.seed=0", "train.checkpoint_every=2", "ray.learner_workers=2", "learner.parallel=fsdp2",
+    cfg = tiny_config(tmp_path, "train.steps=10", "chaos.kill_every_s=2", "chaos.roles=[learner, rollout, reward]",
+                      "chaos.seed=0", "train.checkpoint_every=2", "ray.learner_workers=2", "learner.parallel=fsdp2",
                       "ray.learner_cpus=0.2", "train.max_learner_restarts=100")  # (the crash-loop guard: below)
     summary = run_training(cfg, tmp_path / "run", progress=False)
     m = read_metrics(tmp_path / "run")
@@ -135,18 +130,18 @@ def test_a_learner_group_killed_mid_run_restarts_from_its_checkpoint(tmp_path, c
     assert ledger["consumed"] == 10 * 2
 
 
-def test_a_learner_that_keeps_dying_ends_the_run(tmp_path, cache, ray_cluster):
-    cfg = tiny_config(tmp_path, cache, "train.steps=30", "chaos.kill_every_s=0.5", "chaos.roles=[learner]",
+def test_a_learner_that_keeps_dying_ends_the_run(tmp_path, ray_cluster):
+    cfg = tiny_config(tmp_path, "train.steps=30", "chaos.kill_every_s=0.5", "chaos.roles=[learner]",
                       "train.max_learner_restarts=0")
     with pytest.raises(RuntimeError, match="learner died 1 times without the run reaching a new checkpoint"):
         run_training(cfg, tmp_path / "run", progress=False)
 
 
-def test_broadcast_weight_sync_survives_rollout_restarts(tmp_path, cache, ray_cluster):
+def test_broadcast_weight_sync_survives_rollout_restarts(tmp_path, ray_cluster):
     """weights.sync=broadcast through the whole loop while chaos kills rollout actors: every kill breaks the
     broadcast group, which is opened anew before the next version; the restarted actor catches up from the store,
     and a rollout that missed a version is run again on the current one."""
-    cfg = tiny_config(tmp_path, cache, "train.steps=10", "weights.sync=broadcast", "weights.bucket_mb=0.01",
+    cfg = tiny_config(tmp_path, "train.steps=10", "weights.sync=broadcast", "weights.bucket_mb=0.01",
                       "weights.timeout_s=3", "chaos.kill_every_s=2", "chaos.roles=[rollout]",
                       "train.checkpoint_every=100")
     summary = run_training(cfg, tmp_path / "run", progress=False)
