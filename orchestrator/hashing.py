@@ -64,9 +64,10 @@ def tree_sha256(path: str | Path) -> str:
 
 @contextmanager
 def building(entry: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `.<entry>.lock` (hidden: globs over the cache see entries only) while a cache entry is checked and built: a second process (another
-    run or sweep sharing the cache) asking for the same entry waits for the first and then finds it built, instead
-    of building it again into the same temporary directory. The lock goes with the process if it dies."""
+    """Hold an exclusive lock on `.<entry>.lock` (hidden: globs over the cache see entries only) while a cache entry
+    is checked and built: a second process (another run or sweep sharing the cache) asking for the same entry waits
+    for the first and then finds it built, instead of building it again into the same temporary directory. The lock
+    goes with the process if it dies."""
     entry = Path(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with open(entry.with_name(f".{entry.name}.lock"), "w") as f:
