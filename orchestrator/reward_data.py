@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from policy.backend import Policy
 from policy.sampling import sample
-from rewards.preference import (PreferenceDataConfig, pair_table, render_references, score_pool, summary,
-                                write_preference_data)
+from rewards.preference import (PreferenceDataConfig, damage_base, pair_table, render_references, score_pool,
+                                summary, write_preference_data)
 from rewards.world import all_prompts
 
 
@@ -47,7 +47,8 @@ def sample_base_pool(model: Policy, prompts: list[str], cfg: PreferenceDataConfi
 def build_preference_dataset(cfg: PreferenceDataConfig, model: Policy, out_dir: Path, mode: str = "causal",
                              steps: int = 8, progress: bool = True, batch_size: int = 256, shift: float = 1.0) -> dict:
     """Sample every world prompt (train + held-out) with the base policy at each configured sampler, add
-    true and degraded renders, score the pool with the oracle, pair and label it, and write `out_dir`
+    damaged copies of those samples and true and degraded renders, score the pool with the oracle, pair and
+    label it, and write `out_dir`
     (see `rewards.preference`). Returns `rewards.preference.summary(out_dir)`.
     """
     frames, size = model.shape.video_frames, model.shape.video_height
@@ -57,8 +58,10 @@ def build_preference_dataset(cfg: PreferenceDataConfig, model: Policy, out_dir: 
         refs, ref_meta = render_references(prompts, cfg.degraded_per_prompt, np.random.default_rng([cfg.seed, 0]),
                                            frames, size, cfg.degradations, cfg.strength)
         bar.update(1)
-        videos = np.concatenate([base, refs])
-        pool = score_pool(videos, {k: base_meta[k] + ref_meta[k] for k in base_meta})
+        damaged, damaged_meta = damage_base(base, base_meta["prompt"], cfg.damaged_per_prompt,
+                                            np.random.default_rng([cfg.seed, 4]), cfg.degradations, cfg.strength)
+        videos = np.concatenate([base, damaged, refs])
+        pool = score_pool(videos, {k: base_meta[k] + damaged_meta[k] + ref_meta[k] for k in base_meta})
         bar.update(1)
         write_preference_data(out_dir, videos, pool, pair_table(pool, cfg), cfg)
         bar.update(1)

@@ -6,12 +6,16 @@ The pool holds, per world prompt, videos of three sources:
 - "degraded": `degraded_per_prompt` true renders (each its own random start) corrupted by
   `rewards.world.degrade`, kinds drawn without repetition per prompt (cycling when more are asked
   than there are kinds), strength uniform in `strength`.
+- "damaged": `damaged_per_prompt` base clips of the prompt corrupted the same way (the clips taken in a
+  random order, cycling): the flaws RL drifts into (a vanishing object, a second object, a changed shape or
+  colour, a larger or faster object) shown on the base model's own kind of video, so a reward model learns
+  them where the policy samples, not only on crisp true renders.
 Every pool video is stored as uint8 and scored by the oracle (`rewards.oracle.score_batch`) AS STORED,
 so labels describe exactly the pixels a reward model will see.
 
 Pairs (`make_pairs`) join two distinct videos of the same prompt; their kinds mix
 base-base (samples of one prompt, any samplers), base-degraded, degraded-degraded (different
-kinds/strengths), truth-base and truth-degraded in the proportions of `pair_mix`.
+kinds/strengths), truth-base, truth-degraded and base-damaged in the proportions of `pair_mix`.
 
 Labels (`label_pairs`), per dimension d in (VQ, MQ, TA), with Δ = oracle_a[d] - oracle_b[d]:
 +1 (a better) if Δ >= tie_margin, -1 if Δ <= -tie_margin, 0 (tie) if |Δ| < tie_margin.
@@ -56,17 +60,19 @@ from rewards.oracle import score_batch
 from rewards.world import DEGRADATIONS, as_prompt, degrade, heldout_prompts, random_start, render, to_uint8, train_prompts
 
 DIMS = ("vq", "mq", "ta")
-SOURCES = ("base", "truth", "degraded")
+SOURCES = ("base", "truth", "degraded", "damaged")
 SPLITS = ("train", "val", "heldout")
-PairKind = Literal["base-base", "base-degraded", "degraded-degraded", "truth-base", "truth-degraded"]
+PairKind = Literal["base-base", "base-degraded", "degraded-degraded", "truth-base", "truth-degraded", "base-damaged"]
 PAIR_KINDS: tuple[str, ...] = PairKind.__args__
 DEFAULT_MIX = {"base-base": 0.3, "base-degraded": 0.25, "degraded-degraded": 0.2, "truth-base": 0.15,
                "truth-degraded": 0.1}  # make_pairs' default
 # PreferenceDataConfig's default: truth-degraded and degraded-degraded pairs are where one property (colour,
 # direction, speed, smoothness) differs while the others do not; a learned reward model needs many of them
 # to learn alignment rather than "clean looks good" (orchestrator/reward_training.py's benchmark measures it).
+# base-damaged pairs put the same flaws on base samples: without them a model ordered base samples by
+# persistence, colour and shape at chance (reward bench, held-out base-base pairs), and RL drifted there.
 DATA_MIX = {"base-base": 0.15, "base-degraded": 0.15, "degraded-degraded": 0.25, "truth-base": 0.1,
-            "truth-degraded": 0.35}
+            "truth-degraded": 0.35, "base-damaged": 0.2}
 # The same names as policy.sde.SDE_TYPES, spelled out so this module needs no torch.
 SDEType = Literal["ode", "flow_grpo", "dance_grpo", "sage", "cps"]
 POOL_COLUMNS = ("prompt", "source", "sampler", "eta", "degradation", "strength", "vq", "mq", "ta", "overall")
@@ -98,9 +104,9 @@ class SamplerSpec(BaseModel):
 
 
 class PreferenceDataConfig(BaseModel):
-    """What `videorl reward data` builds (see the module docstring). Defaults: 168 prompts x 23 videos
-    (6 base samples, 1 true and 16 degraded renders), 48 pairs per prompt (8064 pairs); about half a
-    minute on 2 CPU cores with the default base model."""
+    """What `videorl reward data` builds (see the module docstring). Defaults: 168 prompts x 29 videos
+    (6 base samples, 6 damaged copies of them, 1 true and 16 degraded renders), 58 pairs per prompt (9744 pairs);
+    about half a minute on 2 CPU cores with the default base model."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -110,10 +116,11 @@ class PreferenceDataConfig(BaseModel):
                                  SamplerSpec(sde_type="flow_grpo", eta=1.0)],
         min_length=1, description="base-model samplers, each [sde_type, eta]")
     degraded_per_prompt: int = Field(16, ge=0, description="degraded true renders per prompt")
+    damaged_per_prompt: int = Field(6, ge=0, description="degraded copies of base samples per prompt")
     degradations: list[Literal[DEGRADATIONS]] = Field(default_factory=lambda: list(DEGRADATIONS), min_length=1,
                                                        description="degradation kinds to draw from")
     strength: tuple[float, float] = Field((0.25, 1.0), description="degradation strength range [low, high]")
-    pairs_per_prompt: int = Field(48, ge=1, description="pairs per prompt (fewer if the pool has fewer)")
+    pairs_per_prompt: int = Field(58, ge=1, description="pairs per prompt (fewer if the pool has fewer)")
     pair_mix: dict[PairKind, float] = Field(default_factory=lambda: dict(DATA_MIX),
                                             description="relative share of each pair kind")
     tie_margin: float = Field(0.05, ge=0.0, lt=1.0, description="|oracle difference| below this is a tie")
@@ -211,6 +218,30 @@ def render_references(prompts: list[str], degraded_per_prompt: int, rng: np.rand
                 meta[key].append(value)
     shape = (0, frames, size, size, 3)
     return (np.stack(videos) if videos else np.zeros(shape, np.uint8)), meta
+
+
+def damage_base(videos: np.ndarray, prompts: list[str], per_prompt: int, rng: np.random.Generator,
+                kinds=DEGRADATIONS, strength: tuple[float, float] = (0.25, 1.0)):
+    """Per prompt, `per_prompt` of its base clips (a random order, cycling) corrupted by `rewards.world.degrade`,
+    kinds drawn without repetition (cycling), strength uniform in `strength`.
+
+    videos: uint8 [N, T, H, W, 3], prompts: N texts. Returns (uint8 [P x per_prompt, T, H, W, 3], pool columns
+    prompt, source "damaged", sampler "", eta 0, degradation, strength).
+    """
+    kinds = list(kinds)
+    by_prompt: dict[str, list[int]] = {}
+    for i, text in enumerate(prompts):
+        by_prompt.setdefault(text, []).append(i)
+    out, meta = [], {k: [] for k in POOL_COLUMNS[:6]}
+    for text, rows in by_prompt.items():
+        order = [k for _ in range(-(-per_prompt // len(kinds))) for k in rng.permutation(kinds)]
+        clips = [i for _ in range(-(-per_prompt // len(rows))) for i in rng.permutation(rows)]
+        for j in range(per_prompt):
+            s = float(rng.uniform(*strength))
+            out.append(to_uint8(degrade(videos[clips[j]], str(order[j]), s, rng)))
+            for key, value in zip(meta, (text, "damaged", "", 0.0, str(order[j]), s)):
+                meta[key].append(value)
+    return (np.stack(out) if out else np.zeros((0, *np.shape(videos)[1:]), np.uint8)), meta
 
 
 def score_pool(videos: np.ndarray, pool: dict) -> dict:

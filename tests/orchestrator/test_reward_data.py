@@ -46,14 +46,15 @@ def test_sample_base_pool_is_the_sampler_output_seeded_per_sampler():
 def test_build_preference_dataset_end_to_end(tmp_path):
     torch.set_num_threads(1)
     _tiny_model().save(tmp_path / "base" / "model.safetensors")
-    cfg = PreferenceDataConfig(samples_per_prompt=1, samplers=SAMPLERS, degraded_per_prompt=2, pairs_per_prompt=5,
-                               label_noise=0.2)
+    cfg = PreferenceDataConfig(samples_per_prompt=1, samplers=SAMPLERS, degraded_per_prompt=2, damaged_per_prompt=3,
+                               pairs_per_prompt=5, label_noise=0.2)
     out = tmp_path / "prefs"
     base = VideoDiT.load(tmp_path / "base" / "model.safetensors")
     info = build_preference_dataset(cfg, base, out, steps=2, progress=False)
-    per_prompt = 2 * 1 + 1 + 2
+    per_prompt = 2 * 1 + 3 + 1 + 2
     assert info["videos"] == 168 * per_prompt
-    assert info["sources"] == {"base": 336, "truth": 168, "degraded": 336}
+    assert info["sources"] == {"base": 336, "damaged": 504, "truth": 168, "degraded": 336}
+    assert info["kinds"]["base-damaged"] > 0
     assert info["prompts"] == {"train": 130, "val": 14, "heldout": 24}
     assert info["pairs"] == {"train": 130 * 5, "val": 14 * 5, "heldout": 24 * 5}
     assert info["noise_rate"]["observed"]["heldout"] == 0.0
@@ -64,8 +65,17 @@ def test_build_preference_dataset_end_to_end(tmp_path):
     np.testing.assert_allclose(pool["ta"], scores["ta"], atol=1e-6)
     base = np.array(pool["source"]) == "base"
     assert set(np.array(pool["sampler"])[base]) == {"ode", "sage"} and set(np.array(pool["sampler"])[~base]) == {""}
+    # each damaged clip is a degraded copy of one of its prompt's base clips: nearer to them than to its renders
+    source, prompt = np.array(pool["source"]), np.array(pool["prompt"])
+    near = {s: [] for s in ("base", "truth", "degraded")}
+    for i in np.flatnonzero(source == "damaged"):
+        for s in near:
+            near[s].append(min(np.abs(videos[i].astype(int) - videos[j]).mean()
+                               for j in np.flatnonzero((source == s) & (prompt == prompt[i]))))
+    assert np.median(near["base"]) < min(np.median(near["truth"]), np.median(near["degraded"])), \
+        {s: np.median(v) for s, v in near.items()}
     held = read_preference_data(out, "heldout")
     assert {split_of(p) for p in held.prompts} == {"heldout"}
     np.testing.assert_array_equal(held.labels, held.oracle_labels)
-    assert {s for pair in zip(held.source_a, held.source_b) for s in pair} == {"base", "truth", "degraded"}
+    assert {s for pair in zip(held.source_a, held.source_b) for s in pair} == {"base", "truth", "degraded", "damaged"}
 

@@ -5,9 +5,9 @@ import pytest
 from pydantic import ValidationError
 
 from rewards import oracle, world
-from rewards.preference import (DIMS, PAIR_KINDS, PairSet, PreferenceDataConfig, label_pairs, make_pairs,
-                                pair_table, read_preference_data, render_references, score_pool, split_of,
-                                summary, write_preference_data)
+from rewards.preference import (DIMS, PAIR_KINDS, PairSet, PreferenceDataConfig, damage_base, label_pairs,
+                                make_pairs, pair_table, read_preference_data, render_references, score_pool,
+                                split_of, summary, write_preference_data)
 
 HELD = [p.text for p in world.heldout_prompts()]
 TRAIN = [p.text for p in world.train_prompts()]
@@ -93,7 +93,7 @@ def test_make_pairs_mix_within_prompt_without_repeats():
     # default mix 0.3/0.25/0.2/0.15/0.1 of 24, largest remainder: 7, 6, 5, 4, 2 per prompt
     counts = {k: kinds.count(k) for k in PAIR_KINDS}
     assert counts == {"base-base": 28, "base-degraded": 24, "degraded-degraded": 20, "truth-base": 16,
-                      "truth-degraded": 8}
+                      "truth-degraded": 8, "base-damaged": 0}  # no damaged clips in this pool
     first_is_better_source = np.mean([s[i] == "truth" for (i, j), k in zip(index.tolist(), kinds) if "truth" in k])
     assert 0.25 < first_is_better_source < 0.75  # a/b order is a coin flip
 
@@ -113,6 +113,26 @@ def test_make_pairs_hands_missing_kinds_share_to_others_and_caps_at_the_pool():
 
 
 # ---------------------------------------------------------------- references, labelled pool
+
+def test_damage_base_degrades_the_prompts_own_base_clips_with_distinct_kinds():
+    rng = np.random.default_rng(0)
+    prompts = [TRAIN[0]] * 2 + [TRAIN[1]] * 3
+    clips = np.stack([world.to_uint8(world.render(p, world.random_start(p, rng))) for p in prompts])
+    videos, meta = damage_base(clips, prompts, 4, np.random.default_rng(1), strength=(0.6, 1.0))
+    assert videos.shape == (8, 8, 16, 16, 3) and videos.dtype == np.uint8
+    assert meta["prompt"] == [TRAIN[0]] * 4 + [TRAIN[1]] * 4 and set(meta["source"]) == {"damaged"}
+    for k in range(2):  # 4 of the 12 kinds, none twice in a prompt
+        assert len(set(meta["degradation"][4 * k: 4 * k + 4])) == 4
+    # each damaged clip is closer to one of its own prompt's base clips than to the other prompt's
+    for i, text in enumerate(meta["prompt"]):
+        dist = [np.abs(videos[i].astype(int) - c).mean() for c in clips]
+        own = [d for d, p in zip(dist, prompts) if p == text]
+        assert min(own) <= min(d for d, p in zip(dist, prompts) if p != text)
+    assert (oracle.score_batch(videos, meta["prompt"])["overall"].mean()
+            < oracle.score_batch(clips, prompts)["overall"].mean() - 0.05)  # the copies are worse
+    # the key changes the data: 0 copies, none
+    assert len(damage_base(clips, prompts, 0, np.random.default_rng(1))[0]) == 0
+
 
 def test_render_references_truth_is_perfect_and_degradations_differ():
     rng = np.random.default_rng(0)
@@ -190,7 +210,7 @@ def test_parquet_round_trip(tmp_path):
     info = summary(out)
     assert info["pairs"] == {s: int((split == s).sum()) for s in ("train", "val", "heldout")}
     assert info["prompts"]["heldout"] == 3 and info["videos"] == 45
-    assert info["sources"] == {"base": 0, "truth": 9, "degraded": 36}
+    assert info["sources"] == {"base": 0, "truth": 9, "degraded": 36, "damaged": 0}
     assert info["noise_rate"]["configured"] == 0.2 and info["noise_rate"]["observed"]["heldout"] == 0.0
     clean = pairs["oracle_labels"][split == "heldout"]
     assert info["tie_rate"]["heldout"]["ta"] == pytest.approx((clean[:, 2] == 0).mean())
