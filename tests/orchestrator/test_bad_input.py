@@ -1,24 +1,84 @@
 """Every bad input a user can give gets one clear line and a non-zero exit (README: "Bad input")."""
 
+import contextlib
+import io
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+import ray
 import torch
 
+import orchestrator.cluster
+from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.train import run_training
 from rewards.reward_model import RewardModelConfig, VideoReward
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow  # each case runs the real CLI in a fresh process
 
 
 def videorl(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process (~5 s of importing torch and Ray: the tests using it are marked slow)."""
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, f"cache_dir={tmp / 'cache'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _no_cluster(*args, **kwargs):
+    raise AssertionError("an in-process case reached a Ray cluster start: run it with videorl() in a fresh process")
+
+
+def videorl_inproc(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    """The CLI's own main() with the same argv, in this process, for input rejected before any Ray cluster starts
+    (connecting is made to fail the test). Its stdout and stderr are captured as a fresh process's would be; the
+    process-wide state main() touches (sys.stderr, tqdm's defaults, torch threads, the working directory, sys.path and
+    the modules a reward plug-in imports, the environment, logging handlers) is put back afterwards."""
+    from tqdm import std
+
+    argv = [*args, f"cache_dir={tmp / 'cache'}"]
+    out, err = io.StringIO(), io.StringIO()
+    tqdm_defaults = {k: std.tqdm.__dict__[k] for k in ("__init__", "set_postfix")}
+    threads, cwd, path, modules = torch.get_num_threads(), os.getcwd(), list(sys.path), set(sys.modules)
+    environ, handlers, ray_was_up = dict(os.environ), list(logging.getLogger().handlers), ray.is_initialized()
+    try:
+        os.chdir(ROOT)
+        with (mock.patch.object(ray, "init", _no_cluster), mock.patch.object(orchestrator.cluster, "connect", _no_cluster),
+              contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's own errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:  # a reward plug-in imported from tmp (e.g. plugin_bad)
+            if str(tmp) in str(getattr(sys.modules[name], "__file__", None) or ""):
+                del sys.modules[name]
+        for k, v in tqdm_defaults.items():
+            setattr(std.tqdm, k, v)
+        torch.set_num_threads(threads)
+        for k in os.environ.keys() - environ.keys():
+            del os.environ[k]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+        logging.getLogger().handlers[:] = handlers
+    assert ray.is_initialized() == ray_was_up, "an in-process case started (or stopped) a Ray cluster"
+    return subprocess.CompletedProcess(["videorl", *argv], code, out.getvalue(), err.getvalue())
+
+
+def fresh_process(*values):
+    """A case run by the real CLI in a fresh process: end to end (the process's exit status and its stderr), or it is
+    rejected only once a cluster has started."""
+    return pytest.param(videorl, *values, marks=pytest.mark.slow)
+
+
+def in_process(*values):
+    """A case rejected before a cluster starts: main() in this process (fast)."""
+    return pytest.param(videorl_inproc, *values)
 
 
 def one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -30,38 +90,39 @@ def one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
         assert f in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["rollout.group_size=1"], ["rollout.group_size=1", "gdpo needs groups of at least 2"]),
-    (["learner.advantage=grpo", "rollout.group_size=1"], ["grpo needs groups of at least 2"]),
-    (["learner.loss=ppo", "rollout.sampler=ode"], ["learner.loss=ppo needs a stochastic rollout.sampler"]),
-    (["rewards.models.videoreward.autoscale={min: 3, max: 2}"], ["autoscale.max (2) must be >= autoscale.min (3)"]),
-    (["train.max_staleness=-1"], ["train.max_staleness", "greater than or equal to 0"]),
-    (["rollout.eta=nan"], ["rollout.eta"]),
-    (["ray.rollout_workers=12", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2"]),
-    (["ray.learner_workers=8", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2", "ray.learner_workers"]),
+@pytest.mark.parametrize("cli, overrides, fragments", [
+    fresh_process(["rollout.group_size=1"], ["rollout.group_size=1", "gdpo needs groups of at least 2"]),
+    in_process(["learner.advantage=grpo", "rollout.group_size=1"], ["grpo needs groups of at least 2"]),
+    in_process(["learner.loss=ppo", "rollout.sampler=ode"], ["learner.loss=ppo needs a stochastic rollout.sampler"]),
+    in_process(["rewards.models.videoreward.autoscale={min: 3, max: 2}"], ["autoscale.max (2) must be >= autoscale.min (3)"]),
+    in_process(["train.max_staleness=-1"], ["train.max_staleness", "greater than or equal to 0"]),
+    in_process(["rollout.eta=nan"], ["rollout.eta"]),
+    # checked against the cluster's resources, once it has started
+    fresh_process(["ray.rollout_workers=12", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2"]),
+    fresh_process(["ray.learner_workers=8", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2", "ray.learner_workers"]),
 ])
-def test_contradictory_or_invalid_settings(overrides, fragments, tmp_path):
-    one_line_error(videorl("train", *overrides, tmp=tmp_path), *fragments)
+def test_contradictory_or_invalid_settings(cli, overrides, fragments, tmp_path):
+    one_line_error(cli("train", *overrides, tmp=tmp_path), *fragments)
 
 
-@pytest.mark.parametrize("content, fragments", [
-    (b"", ["no prompts"]),
-    (b"# only a comment\n\n", ["no prompts"]),
-    (b"a red square moving left slowly\n\xff\xfe broken\n", ["not UTF-8"]),
-    (b"a red square moving left slowly\n" + b"a" * 300 + b"\n", [":2:", "200"]),
-    (b"a red square moving left slowly\na red hexagon moving left slowly\n", [":2:", "hexagon"]),
-    (b"a red square moving left\x00 slowly\n", ["NUL"]),
+@pytest.mark.parametrize("cli, content, fragments", [
+    fresh_process(b"", ["no prompts"]),
+    in_process(b"# only a comment\n\n", ["no prompts"]),
+    in_process(b"a red square moving left slowly\n\xff\xfe broken\n", ["not UTF-8"]),
+    in_process(b"a red square moving left slowly\n" + b"a" * 300 + b"\n", [":2:", "200"]),
+    in_process(b"a red square moving left slowly\na red hexagon moving left slowly\n", [":2:", "hexagon"]),
+    in_process(b"a red square moving left\x00 slowly\n", ["NUL"]),
 ])
-def test_bad_prompt_files(content, fragments, tmp_path):
+def test_bad_prompt_files(cli, content, fragments, tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes(content)
-    out = videorl("train", f"data.prompts={path}", tmp=tmp_path)
+    out = cli("train", f"data.prompts={path}", tmp=tmp_path)
     one_line_error(out, str(path), *fragments)
     assert "Ray dashboard" not in out.stdout + out.stderr  # named before a cluster starts
 
 
 def test_missing_prompt_file(tmp_path):
-    out = videorl("train", f"data.prompts={tmp_path / 'nope.txt'}", tmp=tmp_path)
+    out = videorl_inproc("train", f"data.prompts={tmp_path / 'nope.txt'}", tmp=tmp_path)
     one_line_error(out, "nope.txt")
     assert "Ray dashboard" not in out.stdout + out.stderr
 
@@ -70,16 +131,16 @@ def test_corrupt_and_truncated_checkpoints(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x00" * 64)
     (tmp_path / "model.json").write_text("{not json")
-    one_line_error(videorl("eval", "--checkpoint", str(bad), tmp=tmp_path), "corrupt model config", "model.json")
+    one_line_error(videorl_inproc("eval", "--checkpoint", str(bad), tmp=tmp_path), "corrupt model config", "model.json")
     (tmp_path / "model.json").write_text(load_config().model.model_dump_json())
-    one_line_error(videorl("eval", "--checkpoint", str(bad), tmp=tmp_path), "corrupt weights file", str(bad))
+    one_line_error(videorl_inproc("eval", "--checkpoint", str(bad), tmp=tmp_path), "corrupt weights file", str(bad))
 
 
 def test_resume_problems(tmp_path):
-    one_line_error(videorl("train", "--resume", str(tmp_path / "nothing"), tmp=tmp_path), "run directory not found")
+    one_line_error(videorl_inproc("train", "--resume", str(tmp_path / "nothing"), tmp=tmp_path), "run directory not found")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("train: {steps: 3}\n")
-    one_line_error(videorl("train", "--resume", str(tmp_path / "run"), tmp=tmp_path), "no checkpoint to resume from")
+    one_line_error(videorl_inproc("train", "--resume", str(tmp_path / "run"), tmp=tmp_path), "no checkpoint to resume from")
 
 
 @pytest.mark.slow
@@ -137,10 +198,11 @@ NOT_A_SCORER = "class Thing:\n    pass\n\nclass WrongDims:\n    dims = ('a',)\n 
 ])
 def test_bad_reward_plugins(model, fragments, tmp_path):
     (tmp_path / "plugin_bad.py").write_text(NOT_A_SCORER)
-    one_line_error(videorl("train", f"rewards.models={{x: {model.replace('DIR', str(tmp_path))}}}", tmp=tmp_path),
+    one_line_error(videorl_inproc("train", f"rewards.models={{x: {model.replace('DIR', str(tmp_path))}}}", tmp=tmp_path),
                    *fragments)
 
 
+@pytest.mark.slow  # calibration runs once the cluster has started: a fresh process
 def test_a_scorer_returning_the_wrong_dims_stops_the_run_at_calibration(tmp_path):
     (tmp_path / "plugin_bad.py").write_text(NOT_A_SCORER)
     (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 0.5}\n")
