@@ -62,7 +62,8 @@ from rewards.world import DEGRADATIONS, as_prompt, degrade, heldout_prompts, ran
 DIMS = ("vq", "mq", "ta")
 SOURCES = ("base", "truth", "degraded", "damaged")
 SPLITS = ("train", "val", "heldout")
-PairKind = Literal["base-base", "base-degraded", "degraded-degraded", "truth-base", "truth-degraded", "base-damaged"]
+PairKind = Literal["base-base", "base-degraded", "degraded-degraded", "truth-base", "truth-degraded",
+                   "base-damaged"]
 PAIR_KINDS: tuple[str, ...] = PairKind.__args__
 DEFAULT_MIX = {"base-base": 0.3, "base-degraded": 0.25, "degraded-degraded": 0.2, "truth-base": 0.15,
                "truth-degraded": 0.1}  # make_pairs' default

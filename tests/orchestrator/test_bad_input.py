@@ -47,7 +47,8 @@ def videorl_inproc(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     environ, handlers, ray_was_up = dict(os.environ), list(logging.getLogger().handlers), ray.is_initialized()
     try:
         os.chdir(ROOT)
-        with (mock.patch.object(ray, "init", _no_cluster), mock.patch.object(orchestrator.cluster, "connect", _no_cluster),
+        with (mock.patch.object(ray, "init", _no_cluster),
+              mock.patch.object(orchestrator.cluster, "connect", _no_cluster),
               contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
             try:
                 code = main(argv)
@@ -94,12 +95,14 @@ def one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
     fresh_process(["rollout.group_size=1"], ["rollout.group_size=1", "gdpo needs groups of at least 2"]),
     in_process(["learner.advantage=grpo", "rollout.group_size=1"], ["grpo needs groups of at least 2"]),
     in_process(["learner.loss=ppo", "rollout.sampler=ode"], ["learner.loss=ppo needs a stochastic rollout.sampler"]),
-    in_process(["rewards.models.videoreward.autoscale={min: 3, max: 2}"], ["autoscale.max (2) must be >= autoscale.min (3)"]),
+    in_process(["rewards.models.videoreward.autoscale={min: 3, max: 2}"],
+               ["autoscale.max (2) must be >= autoscale.min (3)"]),
     in_process(["train.max_staleness=-1"], ["train.max_staleness", "greater than or equal to 0"]),
     in_process(["rollout.eta=nan"], ["rollout.eta"]),
     # checked against the cluster's resources, once it has started
     fresh_process(["ray.rollout_workers=12", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2"]),
-    fresh_process(["ray.learner_workers=8", "ray.num_cpus=2"], ["actors need", "CPUs but the cluster has 2", "ray.learner_workers"]),
+    fresh_process(["ray.learner_workers=8", "ray.num_cpus=2"],
+                  ["actors need", "CPUs but the cluster has 2", "ray.learner_workers"]),
 ])
 def test_contradictory_or_invalid_settings(cli, overrides, fragments, tmp_path):
     one_line_error(cli("train", *overrides, tmp=tmp_path), *fragments)
@@ -137,10 +140,12 @@ def test_corrupt_and_truncated_checkpoints(tmp_path):
 
 
 def test_resume_problems(tmp_path):
-    one_line_error(videorl_inproc("train", "--resume", str(tmp_path / "nothing"), tmp=tmp_path), "run directory not found")
+    one_line_error(videorl_inproc("train", "--resume", str(tmp_path / "nothing"), tmp=tmp_path),
+                   "run directory not found")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("train: {steps: 3}\n")
-    one_line_error(videorl_inproc("train", "--resume", str(tmp_path / "run"), tmp=tmp_path), "no checkpoint to resume from")
+    one_line_error(videorl_inproc("train", "--resume", str(tmp_path / "run"), tmp=tmp_path),
+                   "no checkpoint to resume from")
 
 
 @pytest.mark.slow
