@@ -48,8 +48,7 @@ def build_preference_dataset(cfg: PreferenceDataConfig, model: Policy, out_dir: 
                              steps: int = 8, progress: bool = True, batch_size: int = 256, shift: float = 1.0) -> dict:
     """Sample every world prompt (train + held-out) with the base policy at each configured sampler, add
     damaged copies of those samples and true and degraded renders, score the pool with the oracle, pair and
-    label it, and write `out_dir`
-    (see `rewards.preference`). Returns `rewards.preference.summary(out_dir)`.
+    label it, and write `out_dir` (see `rewards.preference`). Returns `rewards.preference.summary(out_dir)`.
     """
     frames, size = model.shape.video_frames, model.shape.video_height
     prompts = [p.text for p in all_prompts()]

@@ -1,6 +1,6 @@
 """Preference data for the reward models: oracle-labelled pairs of videos of one prompt (VideoAlign style).
 
-The pool holds, per world prompt, videos of three sources:
+The pool holds, per world prompt, videos of four sources:
 - "base": clips of the base (SFT) generator, `samples_per_prompt` per configured sampler (sde_type, eta);
 - "truth": one true render (`rewards.world.render`, random start);
 - "degraded": `degraded_per_prompt` true renders (each its own random start) corrupted by
