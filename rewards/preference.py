@@ -199,6 +199,11 @@ def split_of(prompt, val_fraction: float = 0.1) -> str:
 
 # ---------------------------------------------------------------- the pool and its pairs
 
+def _cycled(items: list, n: int, rng: np.random.Generator) -> list:
+    """At least n of `items`: random orders of all of them, one after another (none twice before all once)."""
+    return [x for _ in range(-(-n // len(items))) for x in rng.permutation(items)]
+
+
 def render_references(prompts: list[str], degraded_per_prompt: int, rng: np.random.Generator, frames: int = 8,
                       size: int = 16, kinds=DEGRADATIONS, strength: tuple[float, float] = (0.25, 1.0)):
     """Per prompt one true render and `degraded_per_prompt` degraded renders (module docstring).
@@ -210,7 +215,7 @@ def render_references(prompts: list[str], degraded_per_prompt: int, rng: np.rand
     videos, meta = [], {k: [] for k in POOL_COLUMNS[:6]}
     for text in prompts:
         prompt = as_prompt(text)
-        order = [k for _ in range(-(-degraded_per_prompt // len(kinds))) for k in rng.permutation(kinds)]
+        order = _cycled(kinds, degraded_per_prompt, rng)
         for j in range(1 + degraded_per_prompt):
             clip = render(prompt, random_start(prompt, rng, frames, size), frames, size)
             kind, s = ("", 0.0) if j == 0 else (str(order[j - 1]), float(rng.uniform(*strength)))
@@ -235,8 +240,7 @@ def damage_base(videos: np.ndarray, prompts: list[str], per_prompt: int, rng: np
         by_prompt.setdefault(text, []).append(i)
     out, meta = [], {k: [] for k in POOL_COLUMNS[:6]}
     for text, rows in by_prompt.items():
-        order = [k for _ in range(-(-per_prompt // len(kinds))) for k in rng.permutation(kinds)]
-        clips = [i for _ in range(-(-per_prompt // len(rows))) for i in rng.permutation(rows)]
+        order, clips = _cycled(kinds, per_prompt, rng), _cycled(rows, per_prompt, rng)
         for j in range(per_prompt):
             s = float(rng.uniform(*strength))
             out.append(to_uint8(degrade(videos[clips[j]], str(order[j]), s, rng)))
