@@ -62,12 +62,14 @@ def reward_checkpoints(cfg: Config, base: Base, progress: bool = True) -> dict[s
         if spec.checkpoint or spec.kind not in ("videoreward", "feedback"):  # nothing of ours to train
             out[name] = spec.checkpoint
             continue
-        from orchestrator.reward_training import ensure_engagement_model, ensure_preference_data, ensure_reward_model
+        from orchestrator.reward_training import (ensure_engagement_model, ensure_preference_data,
+                                                  ensure_reward_ensemble, ensure_reward_model)
 
         if spec.kind == "videoreward":
             data = ensure_preference_data(cfg.rewards.preference, base, cache, cfg.rollout.mode, cfg.rollout.steps,
                                           shift=cfg.rollout.shift)
-            out[name] = str(ensure_reward_model(cfg.rewards.reward_model, data, cache, progress=progress))
+            train = ensure_reward_ensemble if cfg.rewards.reward_model.ensemble else ensure_reward_model
+            out[name] = str(train(cfg.rewards.reward_model, data, cache, progress=progress))
         else:
             out[name] = str(ensure_engagement_model(cfg.rewards.engagement, base, cache, progress=progress,
                                                     mode=cfg.rollout.mode, steps=cfg.rollout.steps,

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from orchestrator.hashing import SAMPLING_CODE, building, code_version, file_sha256, fingerprint
@@ -37,6 +37,7 @@ from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpe
                                 render_references)
 from rewards.reward_model import (PreferencePairs, RewardModelConfig, VideoReward, preference_accuracy,
                                   score_differences, train_reward_model)
+from rewards.scorer import ENSEMBLE_FILE
 from rewards.world import all_prompts, heldout_prompts
 
 Loss = Literal["regression", "bt", "btt"]
@@ -58,6 +59,17 @@ class RewardTrainConfig(BaseModel):
     augment: bool = Field(True, description="random label-preserving world symmetries (colour permutations, mirror)")
     seed: int = 0
     model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    # further losses, one model each on the same data: the run scores with the mean of every model's standardised
+    # scores (`ensure_reward_ensemble`); [] = the `loss` model alone
+    ensemble: list[Loss] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct_members(self):
+        members = [self.loss, *self.ensemble]
+        if len(set(members)) != len(members):
+            raise ValueError(f"rewards.reward_model.ensemble must name losses other than loss ({self.loss}) and each "
+                             f"once, got {self.ensemble}")
+        return self
 
 
 class VideoAlignTrainConfig(BaseModel):
@@ -159,7 +171,8 @@ def reward_model_dir(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, 
     """Where `ensure_reward_model` keeps the model for (data content, train config, loss)."""
     cfg = train_cfg.model_copy(update={"loss": loss or train_cfg.loss})
     code = code_version("rewards.reward_model", "rewards.losses")
-    return Path(cache) / f"reward-{cfg.loss}-{fingerprint(_data_key(Path(data_dir)), cfg, code)}"
+    key = cfg.model_dump(mode="json", exclude={"ensemble"})  # which models a run averages changes none of them
+    return Path(cache) / f"reward-{cfg.loss}-{fingerprint(_data_key(Path(data_dir)), key, code)}"
 
 
 def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, loss: str | None = None,
@@ -187,6 +200,29 @@ def ensure_reward_model(train_cfg: RewardTrainConfig, data_dir: Path, cache: Pat
         tmp = _fresh_tmp(out)
         model.save(tmp)
         _write_train_json(tmp, train_cfg, loss, len(train), seconds, history, data_dir)
+        return _publish(tmp, out)
+
+
+def ensure_reward_ensemble(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, force: bool = False,
+                           progress: bool = True) -> Path:
+    """The `loss` model and one model per `ensemble` loss (each `ensure_reward_model`), copied into one directory
+    that `rewards.scorer` reads as one reward: the mean over models of (score − mean) / std, each model's mean and
+    std per dimension taken over every clip of the preference data. Cached per member models."""
+    data_dir = Path(data_dir)
+    members = {loss: ensure_reward_model(train_cfg, data_dir, cache, loss, force=force, progress=progress)
+               for loss in (train_cfg.loss, *train_cfg.ensemble)}
+    out = Path(cache) / f"reward-ensemble-{fingerprint(*(m.name for m in members.values()))}"
+    with building(out):
+        if not force and (out / ENSEMBLE_FILE).is_file():
+            return out
+        prompts = pq.read_table(data_dir / "pool.parquet", columns=["prompt"]).column("prompt").to_pylist()
+        videos = np.load(data_dir / "videos.npy")
+        tmp, stats = _fresh_tmp(out), {}
+        for loss, member in members.items():
+            shutil.copytree(member, tmp / loss)
+            scores = VideoReward.load(member).score_videos(videos, prompts)
+            stats[loss] = {"mean": scores.mean(0).tolist(), "std": scores.std(0).tolist()}
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps({"members": stats, "clips": len(prompts)}, indent=2))
         return _publish(tmp, out)
 
 

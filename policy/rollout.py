@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,7 +137,11 @@ class RewardGuide:
     def from_checkpoint(cls, checkpoint: str, dim: str, weight: float, beta: float,
                         device: torch.device | str = "cpu") -> RewardGuide:
         from rewards.reward_model import VideoReward
+        from rewards.scorer import ENSEMBLE_FILE
 
+        if (Path(checkpoint) / ENSEMBLE_FILE).is_file():
+            raise ValueError(f"guidance takes its gradient through one VideoReward model; {checkpoint} is an ensemble "
+                             f"(rewards.reward_model.ensemble): guide with one of its members, a subdirectory")
         return cls(VideoReward.load(checkpoint).to(device), dim, weight, beta)
 
     def reward(self, clip: Tensor, prompts: list[str]) -> Tensor:

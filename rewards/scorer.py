@@ -36,6 +36,7 @@ from rewards.world import as_prompt
 
 KINDS = ("oracle", "videoreward", "feedback", "python", "http", "videoalign")
 BATCH_KEYS = ("ids", "videos", "prompts")  # every batch has them; anything else is an extra field
+ENSEMBLE_FILE = "ensemble.json"  # marks a videoreward checkpoint directory holding several models (VideoRewardScorer)
 
 
 class OracleScorer:
@@ -51,28 +52,55 @@ class OracleScorer:
 
 
 class VideoRewardScorer:
-    """The learned VideoAlign-style model (`rewards.reward_model.VideoReward`) from a checkpoint directory."""
+    """The learned VideoAlign-style model (`rewards.reward_model.VideoReward`) from a checkpoint directory, or an
+    ensemble of them (a directory with ENSEMBLE_FILE, `orchestrator.reward_training.ensure_reward_ensemble`): the mean
+    over its models of (score − mean) / std, with each model's mean and std per dimension from that file."""
 
     def __init__(self, checkpoint: str | Path, frame_shape=(8, 16, 16, 3), device: str = "cpu"):
-        from rewards.reward_model import VideoReward  # torch loads only for learned models
-
         path = _existing(checkpoint, "videoreward")
-        self.model = VideoReward.load(path).eval().to(device)
-        cfg = self.model.cfg
-        if (cfg.frames, cfg.size, cfg.size) != tuple(frame_shape[:3]):
-            raise ValueError(f"{path}: the reward model scores [{cfg.frames}, {cfg.size}, {cfg.size}, 3] "
-                             f"clips, frame_shape is {list(frame_shape)}")
-        self.dims = tuple(cfg.dims)
+        self.models, self.mean, self.std = load_videoreward(path, device)
+        for model in self.models:
+            cfg = model.cfg
+            if (cfg.frames, cfg.size, cfg.size) != tuple(frame_shape[:3]):
+                raise ValueError(f"{path}: the reward model scores [{cfg.frames}, {cfg.size}, {cfg.size}, 3] "
+                                 f"clips, frame_shape is {list(frame_shape)}")
+        self.dims = tuple(self.models[0].cfg.dims)
         self.version = f"videoreward:{path.name}"
 
     def score(self, batch: dict) -> dict[str, np.ndarray]:
         for sid, p in zip(batch["ids"], batch["prompts"]):  # a prompt it cannot read is the sample's fault
             try:
-                self.model.tokenize([p])
+                self.models[0].tokenize([p])
             except ValueError as e:
                 raise DataError(sid, f"bad prompt: {e}") from None
-        scores = self.model.score_videos(batch["videos"], batch["prompts"])
+        scores = np.mean([(m.score_videos(batch["videos"], batch["prompts"]) - mean) / std
+                          for m, mean, std in zip(self.models, self.mean, self.std)], axis=0, dtype=np.float32)
         return {d: scores[:, i] for i, d in enumerate(self.dims)}
+
+
+def load_videoreward(path: Path, device: str = "cpu") -> tuple[list, np.ndarray, np.ndarray]:
+    """A VideoReward directory -> ([model], mean 0, std 1); an ensemble directory (ENSEMBLE_FILE: {"members": {name:
+    {"mean": [D], "std": [D]}}}, each member in its subdirectory `name`) -> (models, mean [M, D], std [M, D]).
+    Members scoring other dimensions or clips than the first are a ValueError naming them."""
+    from rewards.reward_model import VideoReward  # torch loads only for learned models
+
+    if not (path / ENSEMBLE_FILE).is_file():
+        model = VideoReward.load(path).eval().to(device)
+        return [model], np.zeros((1, len(model.cfg.dims)), np.float32), np.ones((1, len(model.cfg.dims)), np.float32)
+    members = json.loads((path / ENSEMBLE_FILE).read_text())["members"]
+    models = [VideoReward.load(path / name).eval().to(device) for name in members]
+    first = models[0].cfg
+    for name, model in zip(members, models):
+        if (model.cfg.dims, model.cfg.frames, model.cfg.size) != (first.dims, first.frames, first.size):
+            raise ValueError(f"{path}: ensemble member {name} scores {model.cfg.dims} on {model.cfg.frames} x "
+                             f"{model.cfg.size}^2 clips, member {next(iter(members))} {first.dims} on {first.frames} "
+                             f"x {first.size}^2")
+    mean = np.array([members[name]["mean"] for name in members], np.float32)
+    std = np.array([members[name]["std"] for name in members], np.float32)
+    if mean.shape != (len(models), len(first.dims)) or std.shape != mean.shape or not (std > 0).all():
+        raise ValueError(f"{path / ENSEMBLE_FILE}: each member needs a mean and a positive std per dimension "
+                         f"({len(first.dims)})")
+    return models, mean, std
 
 
 class FeedbackScorer:
