@@ -2,6 +2,7 @@
 preference data -> reward models per loss -> held-out benchmark; click logs -> engagement predictor."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -177,6 +178,7 @@ def test_tiny_end_to_end_train_bench_and_cache(tmp_path):
     assert ensure_reward_model(cfg, data, cache, progress=False) == dirs["btt"]  # default loss: btt, cached
     assert (dirs["btt"] / "model.safetensors").stat().st_mtime_ns == stamp
     assert ensure_reward_model(cfg.model_copy(update={"seed": 1}), data, cache, progress=False) != dirs["btt"]
+    _check_ensemble(cfg, pref, dirs, data, base, cache)
 
     rows, result = reward_bench(dirs, data, progress=False)
     assert [(r["loss"], r["ties"]) for r in rows] == [(l, t) for l in dirs for t in ("without", "with")]
@@ -229,6 +231,61 @@ def test_tiny_end_to_end_train_bench_and_cache(tmp_path):
             assert row[f"{d}_std"] == pytest.approx(np.std(values, ddof=1)) and row[f"{d}_min"] == min(values)
     assert multi["summary"] == summary
     json.dumps(multi)
+
+
+def _check_ensemble(cfg, pref, dirs, data, base, cache):
+    """rewards.reward_model.ensemble: the members are the per-loss models above (their keys ignore the ensemble), each
+    standardised by its mean and std over the data's clips; the scorer averages them; a run's inputs follow the key."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.config import load_config
+    from orchestrator.inputs import reward_checkpoints
+    from orchestrator.reward_training import ensure_reward_ensemble
+    from rewards.scorer import RewardScorer
+
+    ens_cfg = cfg.model_copy(update={"ensemble": ["bt", "regression"]})
+    assert ensure_reward_model(ens_cfg, data, cache, progress=False) == dirs["btt"]
+    ens = ensure_reward_ensemble(ens_cfg, data, cache, progress=False)
+    assert sorted(p.name for p in ens.iterdir()) == ["bt", "btt", "ensemble.json", "regression"]
+    assert ensure_reward_ensemble(ens_cfg, data, cache, progress=False) == ens  # cached
+    pool = np.load(data / "videos.npy")
+    texts = pq.read_table(data / "pool.parquet").column("prompt").to_pylist()
+    stats = json.loads((ens / "ensemble.json").read_text())["members"]
+    held = read_preference_data(data, "heldout")
+    expected = 0.0
+    for loss in ("btt", "bt", "regression"):
+        model = VideoReward.load(dirs[loss])
+        on_pool = model.score_videos(pool, texts)
+        assert stats[loss]["mean"] == pytest.approx(on_pool.mean(0).tolist(), rel=1e-5)
+        assert stats[loss]["std"] == pytest.approx(on_pool.std(0).tolist(), rel=1e-5)
+        expected = expected + (model.score_videos(held.video_a, held.prompts) - on_pool.mean(0)) / on_pool.std(0) / 3
+    ids = [f"h{i}" for i in range(len(held.prompts))]
+    got = RewardScorer("videoreward", ens, frame_shape=held.video_a.shape[1:]).score(held.video_a, held.prompts, ids)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert np.abs(got).mean() < 3  # standardised: the regression model's [0, 1] scale does not vanish beside BTT's
+    single = RewardScorer("videoreward", dirs["btt"], frame_shape=held.video_a.shape[1:]).score(held.video_a, held.prompts, ids)
+    assert np.array_equal(single, VideoReward.load(dirs["btt"]).score_videos(held.video_a, held.prompts))
+
+    run = load_config(None, [f"cache_dir={cache}", "rollout.mode=bidirectional", "rollout.steps=2"])
+    run.rewards.models = {"videoreward": run.rewards.models["videoreward"]}
+    run.rewards.preference = pref
+    for train_cfg, want in ((ens_cfg, ens), (cfg, dirs["btt"])):
+        run.rewards.reward_model = train_cfg
+        assert reward_checkpoints(run, base, progress=False) == {"videoreward": str(want)}
+
+    broken = cache / "broken-ensemble"
+    shutil.copytree(ens, broken)
+    bad = json.loads((broken / "ensemble.json").read_text())
+    bad["members"]["bt"]["std"][1] = 0.0
+    (broken / "ensemble.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="positive std"):
+        RewardScorer("videoreward", broken, frame_shape=held.video_a.shape[1:])
+    from policy.rollout import RewardGuide
+
+    with pytest.raises(ValueError, match="is an ensemble"):
+        RewardGuide.from_checkpoint(str(ens), "ta", 1.0, 1.0)
+    with pytest.raises(ValidationError, match="each once"):
+        RewardTrainConfig(ensemble=["bt", "bt"])
 
 
 @pytest.mark.slow
