@@ -59,12 +59,11 @@ class VideoRewardScorer:
     def __init__(self, checkpoint: str | Path, frame_shape=(8, 16, 16, 3), device: str = "cpu"):
         path = _existing(checkpoint, "videoreward")
         self.models, self.mean, self.std = load_videoreward(path, device)
-        for model in self.models:
-            cfg = model.cfg
-            if (cfg.frames, cfg.size, cfg.size) != tuple(frame_shape[:3]):
-                raise ValueError(f"{path}: the reward model scores [{cfg.frames}, {cfg.size}, {cfg.size}, 3] "
-                                 f"clips, frame_shape is {list(frame_shape)}")
-        self.dims = tuple(self.models[0].cfg.dims)
+        cfg = self.models[0].cfg  # every member's (load_videoreward checks)
+        if (cfg.frames, cfg.size, cfg.size) != tuple(frame_shape[:3]):
+            raise ValueError(f"{path}: the reward model scores [{cfg.frames}, {cfg.size}, {cfg.size}, 3] "
+                             f"clips, frame_shape is {list(frame_shape)}")
+        self.dims = tuple(cfg.dims)
         self.version = f"videoreward:{path.name}"
 
     def score(self, batch: dict) -> dict[str, np.ndarray]:
