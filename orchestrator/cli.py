@@ -303,8 +303,9 @@ def cmd_scale(args) -> None:
 def cmd_reward(args) -> None:
     from orchestrator.config import cache_dir
     from orchestrator.pretraining import base_policy
-    from orchestrator.reward_training import (ensure_engagement_model, ensure_preference_data, ensure_reward_model,
-                                              ensure_videoalign_model, reward_bench, reward_bench_seeds)
+    from orchestrator.reward_training import (bench_dirs, ensure_engagement_model, ensure_preference_data,
+                                              ensure_reward_ensemble, ensure_reward_model, ensure_videoalign_model,
+                                              reward_bench, reward_bench_seeds)
     from orchestrator.tables import format_table, write_json
     from rewards.preference import summary
 
@@ -328,8 +329,11 @@ def cmd_reward(args) -> None:
         path = ensure_videoalign_model(r.videoalign, data, cache, loss=args.loss, force=args.force)
         print(f"videoalign reward model ({args.loss or r.videoalign.loss}): {path}")
     elif args.action == "train":
-        path = ensure_reward_model(r.reward_model, data, cache, loss=args.loss, force=args.force)
-        print(f"reward model ({args.loss or r.reward_model.loss}): {path}")
+        if args.loss is None and r.reward_model.ensemble:  # the run's reward: every member, then the ensemble
+            path = ensure_reward_ensemble(r.reward_model, data, cache, force=args.force)
+        else:
+            path = ensure_reward_model(r.reward_model, data, cache, loss=args.loss, force=args.force)
+        print(f"reward model ({args.loss or '+'.join([r.reward_model.loss, *r.reward_model.ensemble])}): {path}")
     elif args.seeds > 1 and args.models != ["videoreward"]:
         raise ValueError("--seeds > 1 benches VideoReward (--models videoreward) only")
     elif args.seeds > 1:  # bench over seeds: own data and models per seed
@@ -342,8 +346,7 @@ def cmd_reward(args) -> None:
                              "min vq/mq/ta": "/".join(f"{x[d + '_min']:.3f}" for d in ("vq", "mq", "ta"))} for x in rows]))
         print(f"wrote {write_json(result, out / 'reward_bench_seeds.json')}")
     else:  # bench
-        dirs = {loss: ensure_reward_model(r.reward_model, data, cache, loss=loss)
-                for loss in args.losses if "videoreward" in args.models}
+        dirs = bench_dirs(r.reward_model, data, cache, args.losses) if "videoreward" in args.models else {}
         vlm = {loss: ensure_videoalign_model(r.videoalign, data, cache, loss=loss)
                for loss in args.losses if "videoalign" in args.models}
         rows, result = reward_bench(dirs, data, videoalign_dirs=vlm)

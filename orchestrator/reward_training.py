@@ -37,7 +37,7 @@ from rewards.preference import (DIMS, META_KEY, PreferenceDataConfig, SamplerSpe
                                 render_references)
 from rewards.reward_model import (PreferencePairs, RewardModelConfig, VideoReward, preference_accuracy,
                                   score_differences, train_reward_model)
-from rewards.scorer import ENSEMBLE_FILE
+from rewards.scorer import ENSEMBLE_FILE, load_videoreward
 from rewards.world import all_prompts, heldout_prompts
 
 Loss = Literal["regression", "bt", "btt"]
@@ -295,10 +295,21 @@ def _scorer(kind: str, directory: Path):
 
         model = videoalign.load_videoalign(directory, device="cpu")
         return lambda pairs: videoalign.score_differences(model, pairs, batch_size=32)
-    model = VideoReward.load(directory)
-    if tuple(model.cfg.dims) != DIMS:
-        raise ValueError(f"{directory}: the benchmark scores dims {DIMS}, the model has {model.cfg.dims}")
-    return lambda pairs: score_differences(model, pairs, batch_size=256)
+    models, _, std = load_videoreward(Path(directory))  # one model (std 1), or an ensemble's standardised members
+    if tuple(models[0].cfg.dims) != DIMS:
+        raise ValueError(f"{directory}: the benchmark scores dims {DIMS}, the model has {models[0].cfg.dims}")
+    return lambda pairs: np.mean([np.asarray(score_differences(m, pairs, batch_size=256)) / s
+                                  for m, s in zip(models, std)], axis=0)
+
+
+def bench_dirs(train_cfg: RewardTrainConfig, data_dir: Path, cache: Path, losses=LOSSES,
+               progress: bool = True) -> dict[str, Path]:
+    """The models `reward_bench` compares: {loss: `ensure_reward_model`} for each of `losses`, and "ensemble" (the
+    run's reward, `ensure_reward_ensemble`) when `train_cfg.ensemble` names one."""
+    dirs = {loss: ensure_reward_model(train_cfg, data_dir, cache, loss=loss, progress=progress) for loss in losses}
+    if train_cfg.ensemble:
+        dirs["ensemble"] = ensure_reward_ensemble(train_cfg, data_dir, cache, progress=progress)
+    return dirs
 
 
 def reward_bench(model_dirs: dict[str, Path], data_dir: Path, progress: bool = True,
@@ -416,8 +427,7 @@ def reward_bench_seeds(rewards_cfg, base, cache: Path, seeds: int, losses=LOSSES
         pref = rewards_cfg.preference.model_copy(update={"seed": rewards_cfg.preference.seed + i})
         train = rewards_cfg.reward_model.model_copy(update={"seed": rewards_cfg.reward_model.seed + i})
         data = ensure_preference_data(pref, base, cache, mode, steps, progress=progress, shift=shift)
-        dirs = {loss: ensure_reward_model(train, data, cache, loss=loss, progress=progress) for loss in losses}
-        rows, result = reward_bench(dirs, data, progress=progress)
+        rows, result = reward_bench(bench_dirs(train, data, cache, losses, progress), data, progress=progress)
         per_seed.append(rows)
         runs.append({"preference_seed": pref.seed, "reward_model_seed": train.seed, "rows": rows, **result})
     summary = seed_summary(per_seed)

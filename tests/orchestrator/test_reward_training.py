@@ -240,7 +240,7 @@ def _check_ensemble(cfg, pref, dirs, data, base, cache):
 
     from orchestrator.config import load_config
     from orchestrator.inputs import reward_checkpoints
-    from orchestrator.reward_training import ensure_reward_ensemble
+    from orchestrator.reward_training import bench_dirs, ensure_reward_ensemble
     from rewards.scorer import RewardScorer
 
     ens_cfg = cfg.model_copy(update={"ensemble": ["bt", "regression"]})
@@ -263,6 +263,13 @@ def _check_ensemble(cfg, pref, dirs, data, base, cache):
     got = RewardScorer("videoreward", ens, frame_shape=held.video_a.shape[1:]).score(held.video_a, held.prompts, ids)
     assert got == pytest.approx(expected, abs=1e-4)
     assert np.abs(got).mean() < 3  # standardised: the regression model's [0, 1] scale does not vanish beside BTT's
+    other = RewardScorer("videoreward", ens, frame_shape=held.video_a.shape[1:]).score(held.video_b, held.prompts, ids)
+    rows, result = reward_bench(bench_dirs(ens_cfg, data, cache, ("btt",), progress=False), data, progress=False)
+    assert [r["loss"] for r in rows] == ["btt", "btt", "ensemble", "ensemble"]
+    for j, d in enumerate(DIMS):  # the bench scores the ensemble as the run does
+        decided = held.labels[:, j] != 0
+        accuracy = np.mean(np.sign(got - other)[decided, j] == held.labels[decided, j])
+        assert result["models"]["ensemble"]["without_ties"][d] == pytest.approx(accuracy, abs=1e-9)
     single = RewardScorer("videoreward", dirs["btt"], frame_shape=held.video_a.shape[1:]).score(held.video_a, held.prompts, ids)
     assert np.array_equal(single, VideoReward.load(dirs["btt"]).score_videos(held.video_a, held.prompts))
 

@@ -73,3 +73,13 @@ def test_each_videoalign_training_key_changes_the_model(tmp_path):
     assert all((heads[0] - h).abs().max() > 1e-6 for h in heads[1:])  # and each key changes what is trained
     assert [json.loads((d / "train.json").read_text())["steps"] for d in dirs] == [2, 3, 2, 2, 2]
     assert ensure_videoalign_model(base, data, tmp_path / "cache", progress=False) == dirs[0]
+
+
+def test_reward_train_builds_the_configured_ensemble(tmp_path, capsys):
+    args = [*TINY, f"cache_dir={tmp_path / 'cache'}"]
+    assert main(["reward", "train", *args, "rewards.reward_model.ensemble=[bt]"]) == 0
+    [ensemble] = list((tmp_path / "cache").glob("reward-ensemble-*"))
+    assert sorted(p.name for p in ensemble.iterdir()) == ["bt", "btt", "ensemble.json"]
+    assert f"reward model (btt+bt): {ensemble}" in capsys.readouterr().out
+    assert main(["reward", "train", *args, "rewards.reward_model.ensemble=[bt]", "--loss", "regression"]) == 0
+    assert len(list((tmp_path / "cache").glob("reward-*"))) == 4  # --loss trains that model alone
