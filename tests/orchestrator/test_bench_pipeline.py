@@ -251,8 +251,12 @@ def test_weights_from_a_dead_learner_end_the_pipeline_instead_of_re_running_fore
                         Ledger(), seed=0)
         ray.get(learner.ping.remote())
         ray.kill(learner, no_restart=True)
-        pipe.publish(0, learner.weights.remote())  # fails: its learner is gone
         deadline = time.monotonic() + 120  # a bound on waiting, not a timing assertion: a loaded machine starts actors slowly
+        # ray.kill is asynchronous: a call made just after it may still run (then version 0 would be good weights)
+        with pytest.raises(ray.exceptions.RayActorError):
+            while time.monotonic() < deadline:
+                ray.get(learner.ping.remote())
+        pipe.publish(0, learner.weights.remote())  # fails: its learner is gone
         with pytest.raises(ray.exceptions.RayActorError):
             while time.monotonic() < deadline:
                 pipe.pump(0, timeout=0.05)
