@@ -5,6 +5,8 @@
 - `ensure_reward_model`: a `VideoReward` trained with one loss (regression, BT or BTT) on the TRAIN split,
   cached per (data content, train config, loss). The directory holds `model.safetensors` + `config.json`
   (`VideoReward.save`) and `train.json` (seconds, losses).
+- `ensure_reward_ensemble` (`rewards.reward_model.ensemble`): the `loss` model and one per further loss in one
+  directory, with each model's mean and std over the data's clips; `rewards.scorer` averages the standardised scores.
 - `ensure_videoalign_model`: a tiny VideoAlign VLM reward (`rewards.videoalign`) trained the same way, cached alike.
 - `reward_bench`: VideoAlign's reward benchmark on the HELD-OUT split (prompts no model trained on; labels
   noise-free): pairwise accuracy per dimension and overall, without ties and with ties, of either model.
