@@ -241,6 +241,7 @@ def _check_ensemble(cfg, pref, dirs, data, base, cache):
     from orchestrator.config import load_config
     from orchestrator.inputs import reward_checkpoints
     from orchestrator.reward_training import bench_dirs, ensure_reward_ensemble
+    from policy.rollout import RewardGuide
     from rewards.scorer import RewardScorer
 
     ens_cfg = cfg.model_copy(update={"ensemble": ["bt", "regression"]})
@@ -259,18 +260,17 @@ def _check_ensemble(cfg, pref, dirs, data, base, cache):
         assert stats[loss]["mean"] == pytest.approx(on_pool.mean(0).tolist(), rel=1e-5)
         assert stats[loss]["std"] == pytest.approx(on_pool.std(0).tolist(), rel=1e-5)
         expected = expected + (model.score_videos(held.video_a, held.prompts) - on_pool.mean(0)) / on_pool.std(0) / 3
-    ids = [f"h{i}" for i in range(len(held.prompts))]
-    got = RewardScorer("videoreward", ens, frame_shape=held.video_a.shape[1:]).score(held.video_a, held.prompts, ids)
+    ids, shape = [f"h{i}" for i in range(len(held.prompts))], held.video_a.shape[1:]
+    got = RewardScorer("videoreward", ens, frame_shape=shape).score(held.video_a, held.prompts, ids)
     assert got == pytest.approx(expected, abs=1e-4)
-    assert np.abs(got).mean() < 3  # standardised: the regression model's [0, 1] scale does not vanish beside BTT's
-    other = RewardScorer("videoreward", ens, frame_shape=held.video_a.shape[1:]).score(held.video_b, held.prompts, ids)
+    other = RewardScorer("videoreward", ens, frame_shape=shape).score(held.video_b, held.prompts, ids)
     rows, result = reward_bench(bench_dirs(ens_cfg, data, cache, ("btt",), progress=False), data, progress=False)
     assert [r["loss"] for r in rows] == ["btt", "btt", "ensemble", "ensemble"]
     for j, d in enumerate(DIMS):  # the bench scores the ensemble as the run does
         decided = held.labels[:, j] != 0
         accuracy = np.mean(np.sign(got - other)[decided, j] == held.labels[decided, j])
         assert result["models"]["ensemble"]["without_ties"][d] == pytest.approx(accuracy, abs=1e-9)
-    single = RewardScorer("videoreward", dirs["btt"], frame_shape=held.video_a.shape[1:]).score(held.video_a, held.prompts, ids)
+    single = RewardScorer("videoreward", dirs["btt"], frame_shape=shape).score(held.video_a, held.prompts, ids)
     assert np.array_equal(single, VideoReward.load(dirs["btt"]).score_videos(held.video_a, held.prompts))
 
     run = load_config(None, [f"cache_dir={cache}", "rollout.mode=bidirectional", "rollout.steps=2"])
@@ -286,9 +286,7 @@ def _check_ensemble(cfg, pref, dirs, data, base, cache):
     bad["members"]["bt"]["std"][1] = 0.0
     (broken / "ensemble.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="positive std"):
-        RewardScorer("videoreward", broken, frame_shape=held.video_a.shape[1:])
-    from policy.rollout import RewardGuide
-
+        RewardScorer("videoreward", broken, frame_shape=shape)
     with pytest.raises(ValueError, match="is an ensemble"):
         RewardGuide.from_checkpoint(str(ens), "ta", 1.0, 1.0)
     with pytest.raises(ValidationError, match="each once"):
