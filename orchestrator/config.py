@@ -404,6 +404,10 @@ def guidance_source(cfg: Config, reward: str, key: str = "--guidance") -> tuple[
         usable = sorted(r for r, (_, k, _) in found.items() if k in DIFFERENTIABLE_KINDS)
         raise ValueError(f"{key}: reward {reward!r} comes from rewards.models.{name} (kind {kind}), which is not "
                          f"differentiable; guide with a videoreward dimension ({', '.join(usable) or 'none configured'})")
+    if not cfg.rewards.models[name].checkpoint and cfg.rewards.reward_model.ensemble:
+        raise ValueError(f"{key}: guidance takes its gradient through one VideoReward model, and "
+                         f"rewards.reward_model.ensemble makes rewards.models.{name} an ensemble; guide without it "
+                         f"or give rewards.models.{name}.checkpoint one trained model")
     return name, dim
 
 

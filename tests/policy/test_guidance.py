@@ -104,6 +104,8 @@ def test_rollout_guidance_config_reaches_the_rollout_worker_or_fails_in_one_line
         (["rollout.guidance={reward: speed}"], "unknown reward 'speed'"),
         (["rollout.guidance={reward: ta}", "learner.loss=ppo"], "rollout.guidance with learner.loss=ppo"),
         (["rollout.guidance={reward: ta, beta: 0}"], "rollout.guidance.beta"),
+        (["rollout.guidance={reward: ta}", "rewards.reward_model.ensemble=[bt]"],
+         "makes rewards.models.videoreward an ensemble"),
     ):
         with pytest.raises(ConfigError, match=message) as e:
             load_config(None, overrides)
