@@ -155,6 +155,7 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
     replayed = {"restarts": 0, "steps_replayed": 0, "groups_replayed": 0}
     chaos = ChaosMonkey(cfg.chaos, actors.rollouts, actors.pools, actors.controller, learners=actors.learners.ranks)
     in_a_row, last_back = 0, -1  # restarts since the run last reached a new checkpoint
+    by_chaos, kills_seen = 0, 0  # of those, deaths that followed chaos killing a learner rank
     started = time.perf_counter()  # this process's wall clock goes on across learner restarts
     while True:
         try:
@@ -167,11 +168,16 @@ def train_loop(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[str]
                 pool.drain()
             resume_from = latest_checkpoint(run_dir)
             back_to = (resume_from.state["step"], resume_from.state["next_group"]) if resume_from else (0, 0)
-            in_a_row = in_a_row + 1 if back_to[0] <= last_back else 1
+            killed = int(any(name.startswith("learner") for name in chaos.kills[kills_seen:]))
+            kills_seen = len(chaos.kills)
+            in_a_row, by_chaos = (1, killed) if back_to[0] > last_back else (in_a_row + 1, by_chaos + killed)
             last_back = back_to[0]
             if in_a_row > cfg.train.max_learner_restarts:
+                hint = (f"; chaos killed a learner rank before {by_chaos} of them: with learner in chaos.roles, raise "
+                        f"train.max_learner_restarts or chaos.kill_every_s" if by_chaos else "")
                 raise LearnerCrashLoop(f"the learner died {in_a_row} times without the run reaching a new checkpoint "
-                                   f"(train.max_learner_restarts={cfg.train.max_learner_restarts}): {died}") from None
+                                       f"(train.max_learner_restarts={cfg.train.max_learner_restarts}){hint}: {died}"
+                                       ) from None
             actors.restart_learner()
             chaos.learners = list(actors.learners.ranks)
             replayed["restarts"] += 1

@@ -133,8 +133,10 @@ def test_a_learner_group_killed_mid_run_restarts_from_its_checkpoint(tmp_path, r
 def test_a_learner_that_keeps_dying_ends_the_run(tmp_path, ray_cluster):
     cfg = tiny_config(tmp_path, "train.steps=30", "chaos.kill_every_s=0.5", "chaos.roles=[learner]",
                       "train.max_learner_restarts=0")
-    with pytest.raises(RuntimeError, match="learner died 1 times without the run reaching a new checkpoint"):
+    with pytest.raises(RuntimeError, match="learner died 1 times without the run reaching a new checkpoint") as e:
         run_training(cfg, tmp_path / "run", progress=False)
+    # the deaths chaos caused are named, with the way out
+    assert "chaos killed a learner rank before 1 of them" in str(e.value) and "train.max_learner_restarts" in str(e.value)
 
 
 def test_broadcast_weight_sync_survives_rollout_restarts(tmp_path, ray_cluster):
