@@ -242,7 +242,7 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
                 row.update(pipe.sync.stats())
             scored_before = scored
             if victim := chaos.maybe_kill():
-                print(f"chaos: killed {victim}")
+                bar.write(f"chaos: killed {victim}")  # on its own line, not after the bar
             row["chaos/kills"] = len(chaos.kills)
             row["learner/restarts"] = replayed["restarts"]
             log.log(row)
