@@ -136,22 +136,28 @@ def test_a_learner_that_keeps_dying_ends_the_run(tmp_path, ray_cluster):
     with pytest.raises(RuntimeError, match="learner died 1 times without the run reaching a new checkpoint") as e:
         run_training(cfg, tmp_path / "run", progress=False)
     # the deaths chaos caused are named, with the way out
-    assert "chaos killed a learner rank before 1 of them" in str(e.value) and "train.max_learner_restarts" in str(e.value)
+    assert "chaos killed a learner rank before 1 of them" in str(e.value)
+    assert "train.max_learner_restarts" in str(e.value)
 
 
 def test_broadcast_weight_sync_survives_rollout_restarts(tmp_path, ray_cluster):
     """weights.sync=broadcast through the whole loop while chaos kills rollout actors: every kill breaks the
     broadcast group, which is opened anew before the next version; the restarted actor catches up from the store,
-    and a rollout that missed a version is run again on the current one."""
-    cfg = tiny_config(tmp_path, "train.steps=10", "weights.sync=broadcast", "weights.bucket_mb=0.01",
-                      "weights.timeout_s=3", "chaos.kill_every_s=2", "chaos.roles=[rollout]",
+    and a rollout that missed a version is run again on the current one. (Kills 4 s apart: how many versions meet an
+    actor still restarting depends on the machine's speed, so the test asks for a broadcast after the first kill.)"""
+    cfg = tiny_config(tmp_path, "train.steps=16", "weights.sync=broadcast", "weights.bucket_mb=0.01",
+                      "weights.timeout_s=3", "chaos.kill_every_s=4", "chaos.roles=[rollout]",
                       "train.checkpoint_every=100")
     summary = run_training(cfg, tmp_path / "run", progress=False)
     m = read_metrics(tmp_path / "run")
-    assert m["chaos/kills"][-1] >= 2
+    kills = m["chaos/kills"]
+    assert kills[-1] >= 2
     full, sent = m["weights/bytes_per_version"][0], m["weights/broadcast_bytes"]
-    # whole weights by broadcast; a version published while an actor was still restarting went through the store
-    assert full > 0 and np.all(sent[~np.isnan(sent)] == full) and np.sum(~np.isnan(sent)) >= 5, sent
+    # whole weights by broadcast; a version published while an actor was still restarting went through the store;
+    # the group is opened anew after a kill (a row's version is published in its step, before the row's kill)
+    first_kill = int(np.flatnonzero(kills >= 1)[0])
+    assert full > 0 and np.all(sent[~np.isnan(sent)] == full), sent
+    assert np.sum(~np.isnan(sent[first_kill + 1:])) >= 1, (kills, sent)
     assert np.nanmin(m["weights/broadcast_buckets"]) >= full / (0.01 * 2**20)  # weights.bucket_mb cuts the buckets
     ledger = summary["ledger"]
-    assert ledger["retried"] > 0 and ledger["lost"] == 0 and ledger["balanced"] and ledger["consumed"] == 10 * 2
+    assert ledger["retried"] > 0 and ledger["lost"] == 0 and ledger["balanced"] and ledger["consumed"] == 16 * 2
