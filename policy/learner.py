@@ -77,6 +77,7 @@ class LearnerConfig(BaseModel):
     nft_beta: float = Field(1.0, gt=0)
     nft_form: Literal["diffusionnft", "astrolabe"] = "diffusionnft"
     nft_old_ema: float = Field(0.5, ge=0, lt=1)  # old policy <- EMA of the weights, per step
+    nft_draws: int = Field(1, ge=1)  # (t, ε) draws per clip per step, losses averaged: less gradient noise, K x compute
     nft_kl: float = Field(0.0, ge=0)  # velocity KL to the reference (initial) model
     # flow_dpo / flow_rwr (VideoAlign)
     dpo_beta: float = Field(100.0, gt=0)
@@ -98,6 +99,9 @@ class LearnerConfig(BaseModel):
         if self.reference == "moving" and not self.uses_reference:
             raise ValueError(f"learner.reference=moving: learner.loss={self.loss} does not use the reference here "
                              "(it is used by nft with nft_kl > 0, ppo with kl=fixed, and flow_dpo)")
+        if self.nft_draws > 1 and self.loss != "nft":
+            raise ValueError(f"learner.nft_draws={self.nft_draws} averages the nft loss over noise draws, but "
+                             f"learner.loss={self.loss}")
         if self.selective_kl is not None and not self.has_kl:
             raise ValueError(f"learner.selective_kl masks a KL term, but learner.loss={self.loss} has none "
                              "(use nft with learner.nft_kl > 0, or ppo with learner.kl other than none)")
@@ -340,16 +344,19 @@ class Learner:
     def _nft(self, g: ScoredGroup, adv: torch.Tensor,
              kl_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        x0, eps, tt, frames, velocity = self._flow_inputs(g)
-        v_theta = velocity(self.model)
-        with torch.no_grad():
-            v_old = velocity(self.old)
-            v_ref = velocity(self.reference) if cfg.nft_kl else None
-        loss = nft_loss(x0[:, frames], eps[:, frames], tt, v_theta, v_old, v_ref, adv, cfg.nft_beta,
-                        cfg.nft_kl, cfg.nft_form, kl_mask=kl_mask)
-        with torch.no_grad():
-            kl = ((v_theta - (v_ref if v_ref is not None else v_old)) ** 2).mean()
-        return loss, {"loss/policy": loss.item(), "kl": kl.item(), **({"kl/reference": kl.item()} if cfg.nft_kl else {})}
+        losses, kls = [], []
+        for _ in range(cfg.nft_draws):  # each draw its own (t, ε) per clip; the loss is their mean
+            x0, eps, tt, frames, velocity = self._flow_inputs(g)
+            v_theta = velocity(self.model)
+            with torch.no_grad():
+                v_old = velocity(self.old)
+                v_ref = velocity(self.reference) if cfg.nft_kl else None
+            losses.append(nft_loss(x0[:, frames], eps[:, frames], tt, v_theta, v_old, v_ref, adv, cfg.nft_beta,
+                                   cfg.nft_kl, cfg.nft_form, kl_mask=kl_mask))
+            with torch.no_grad():
+                kls.append(((v_theta - (v_ref if v_ref is not None else v_old)) ** 2).mean().item())
+        loss, kl = torch.stack(losses).mean(), float(np.mean(kls))
+        return loss, {"loss/policy": loss.item(), "kl": kl, **({"kl/reference": kl} if cfg.nft_kl else {})}
 
     def _flow_dpo(self, g: ScoredGroup, adv: torch.Tensor, kl_mask=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Flow-DPO on the group's best (winner) and worst (loser) candidate by advantage, shared ε and t."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from orchestrator.config import ConfigError, load_config
 from policy.learner import Learner, LearnerConfig, ScoredGroup, advantages, check_rewards
-from policy.losses import flow_dpo_loss
+from policy.losses import flow_dpo_loss, nft_loss
 from policy.sampling import sample
 from rewards.advantages import constrained_channels, gdpo_advantages, grpo_advantages, selective_kl_mask
 
@@ -52,9 +52,9 @@ def same_state(a, b) -> bool:
     return all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def hand_forward(lrn: Learner, g: ScoredGroup, rows, shared: bool):
-    """The forward process as MATH.md §3 states it, from the learner's generator: -> (x0, eps, v_theta, v_ref)
-    at the trained frames (after the one-chunk prefix), history as clean context."""
+def hand_forward(lrn: Learner, g: ScoredGroup, rows, shared: bool, with_t: bool = False):
+    """The forward process as MATH.md §3 states it, from the learner's generator: -> (x0, eps, v_theta, v_ref),
+    with t after eps when `with_t`, at the trained frames (after the one-chunk prefix), history as clean context."""
     x0 = g.traj.videos[rows]
     n = 1 if shared else len(rows)
     t = torch.rand(n, generator=lrn.generator).clamp(0.02, 0.98).expand(len(rows))
@@ -64,7 +64,7 @@ def hand_forward(lrn: Learner, g: ScoredGroup, rows, shared: bool):
     f = lrn.model.shape.chunk  # prefix_chunks = 1
     with torch.no_grad():
         v = [m.velocity_causal(x_t, t, x0, ids, detach_history=True)[:, f:] for m in (lrn.model, lrn.reference)]
-    return x0[:, f:], eps[:, f:], v[0], v[1]
+    return (x0[:, f:], eps[:, f:], *([t] if with_t else []), v[0], v[1])
 
 
 def per_sample_mse(a, b) -> torch.Tensor:
@@ -163,6 +163,26 @@ def test_selective_kl_applies_the_nft_kl_term_only_where_the_mask_is_set():
     assert losses["none"] < losses["selective"] < losses["full"]
     stats = lrn.step([g], "r", {}, {})
     assert stats["kl/selected_fraction"] == 0.25
+
+
+def test_nft_draws_average_the_loss_over_that_many_noise_draws():
+    """learner.nft_draws = K: K fresh (t, ε) per clip, the loss is the mean of their NFT losses (MATH.md §3)."""
+    lrn = learner(loss="nft", nft_draws=3)
+    perturb(lrn.old)  # v_old != v_theta, so every draw's loss depends on its (t, ε)
+    g = group(lrn.model)
+    adv = advantages([g], "r", {}, {}, "gdpo")
+    state = lrn.generator.get_state()
+    loss = lrn._nft(g, adv)[0].item()
+    lrn.generator.set_state(state)
+    lrn.reference.load_trainable_state(lrn.old.trainable_state())  # hand_forward's second model: the old policy
+    draws = [nft_loss(x0, eps, t, v, v_old, None, adv, 1.0).item()
+             for x0, eps, t, v, v_old in (hand_forward(lrn, g, [0, 1, 2, 3], shared=False, with_t=True)
+                                          for _ in range(3))]
+    assert loss == pytest.approx(np.mean(draws), rel=1e-5)
+    assert np.std(draws) > 1e-3 * abs(np.mean(draws))  # the draws differ: one draw alone is another loss
+    lrn.cfg.nft_draws = 1
+    lrn.generator.set_state(state)
+    assert lrn._nft(g, adv)[0].item() == pytest.approx(draws[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("kl", ["fixed", "dual"])
@@ -327,6 +347,7 @@ def test_channel_weights_reach_the_update():
     (dict(selective_kl={"percentile": 50, "auxiliary": ["vq"]}), "learner.loss=nft has none"),
     (dict(loss="ppo", kl="none", selective_kl={"percentile": 50, "auxiliary": ["vq"]}), "learner.loss=ppo has none"),
     (dict(loss="flow_dpo", selective_kl={"percentile": 50, "auxiliary": ["vq"]}), "learner.loss=flow_dpo has none"),
+    (dict(loss="ppo", nft_draws=2), "learner.nft_draws=2 averages the nft loss over noise draws, but learner.loss=ppo"),
 ])
 def test_contradictory_learner_settings_are_one_line_errors(kw, message):
     with pytest.raises(ValueError, match=message):
