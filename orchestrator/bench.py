@@ -4,7 +4,8 @@ Two measurements (both need a connected Ray cluster; neither prints):
 - real: the same work done twice in one process -- synchronously (rollout every group, then score
   them, then one learner step, as flow_grpo and DanceGRPO do) and through the actor pipeline
   (rollout actors -> reward pool -> learner actor, rollout running ahead within the staleness
-  bound). Both use the untrained policy of the config (time per step does not depend on the weights) and the
+  bound; with `ray.compute_slots` capping what computes at once, and once more without the cap). Both use the
+  untrained policy of the config (time per step does not depend on the weights) and the
   oracle reward, so nothing needs to be cached. Reported: clips/s each way and their ratio.
 - simulated: the real Pipeline, RewardPool, StalenessManager and Ledger drive actors whose device
   time is a given sleep (actors/simulated.py), so orchestration overhead is measured, not CPU
@@ -39,7 +40,7 @@ SIM_COLUMNS = ["actors", "bound", "throughput", "efficiency", "sync_throughput",
                "idle_reward", "idle_learner", "balanced", "seconds"]
 SIM_STEP_COLUMNS = ["step", "seconds", "reward_replicas", "reward_groups_per_s", "groups_per_s"]
 SCALE_COLUMNS = ["reward_replicas", "first_step", "last_step", "measured_from_step", "reward_groups_per_s"]
-REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips"]
+REAL_COLUMNS = ["loop", "clips_per_s", "seconds_per_step", "ratio_vs_sync", "measured_steps", "clips", "busy_peak"]
 
 
 def drive(pipe: Pipeline, learner, steps: int, groups_per_step: int, primary: str, pool: RewardPool | None = None,
@@ -398,17 +399,23 @@ def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
         raise ValueError(f"real_pipeline needs an orchestrator.config.Config, got {type(cfg).__name__}")
     if not 0 <= warmup_steps < steps:
         raise ValueError(f"need 0 <= warmup_steps < steps, got warmup_steps={warmup_steps}, steps={steps}")
+    from orchestrator.cluster import compute_slots
     from orchestrator.inputs import training_prompts
 
     prompts = training_prompts(cfg)
+    slots = compute_slots(cfg, ray.cluster_resources().get("CPU", 0.0))
     sync = _synchronous(cfg, prompts, steps, warmup_steps)
-    actor = _actor_pipeline(cfg, prompts, steps, warmup_steps)
+    actor = _actor_pipeline(cfg, prompts, steps, warmup_steps, slots)
+    runs = [("synchronous", sync), (f"actor pipeline ({slots or 'no'} compute slots)", actor)]
+    if slots is not None:  # what the cap buys, measured beside it
+        runs.append(("actor pipeline (no cap)", _actor_pipeline(cfg, prompts, steps, warmup_steps, None)))
+    tax = _sharing_tax(cfg, prompts)
     clips = cfg.train.groups_per_step * cfg.rollout.group_size
     rows = []
-    for name, res in (("synchronous", sync), ("actor pipeline", actor)):
+    for name, res in runs:
         rows.append({"loop": name, "clips_per_s": res["clips_per_s"], "seconds_per_step": clips / res["clips_per_s"],
                      "ratio_vs_sync": res["clips_per_s"] / sync["clips_per_s"], "measured_steps": steps - warmup_steps,
-                     "clips": (steps - warmup_steps) * clips})
+                     "clips": (steps - warmup_steps) * clips, "busy_peak": res.get("busy_peak")})
     # what the pipeline can reach: the stages overlap, so a step takes as long as its slowest stage (rollout spread
     # over the rollout actors), unless the cores run out first (every stage's seconds on `cores` cores). Stage times
     # are the synchronous loop's, measured in this process just before, on `threads` torch threads.
@@ -424,28 +431,29 @@ def real_pipeline(cfg, steps: int = 10, warmup_steps: int = 2) -> dict:
     return {"mode": "real", "rows": rows, "ratio": actor["clips_per_s"] / sync["clips_per_s"],
             "bound_clips_per_s": bound, "efficiency": actor["clips_per_s"] / bound,
             "cpu_ratio": cpu["pipeline"] / cpu["synchronous"], "cpu_bound_clips_per_s": clips * cores / cpu["pipeline"],
+            # the loop's work on all cores at once, each process slowed by the sharing tax: what a schedule can hope for
+            "sharing_tax": tax, "tax_bound_clips_per_s": clips * cores / (cpu["synchronous"] * tax["tax"]),
             "synchronous": sync, "pipeline": actor,
             "note": f"untrained {cfg.model.kind} policy and the oracle reward: time per step does not depend on the weights",
             "settings": {"steps": steps, "warmup_steps": warmup_steps, "groups_per_step": cfg.train.groups_per_step,
                          "group_size": cfg.rollout.group_size, "rollout_workers": cfg.ray.rollout_workers,
                          "max_staleness": cfg.train.max_staleness, "sampler": cfg.rollout.sampler,
                          "rollout_steps": cfg.rollout.steps, "mode": cfg.rollout.mode, "loss": cfg.learner.loss,
-                         "groups_per_call": cfg.rollout.groups_per_call, "threads": cfg.threads}}
+                         "groups_per_call": cfg.rollout.groups_per_call, "threads": cfg.threads,
+                         "compute_slots": slots}}
 
 
 def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
     """flow_grpo / DanceGRPO order in one process: generate all groups, score them, one learner step, sync weights."""
     from policy.backend import init_policy, video_shape
     from policy.learner import Learner, ScoredGroup
-    from policy.rollout import RolloutWorker, payload_options, trajectory_from_payload
+    from policy.rollout import RolloutWorker, trajectory_from_payload
     from rewards.scorer import RewardScorer
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
     learner = Learner(init_policy(cfg.model), cfg.learner, steps, cfg.train.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), mode=r.mode, sampler=r.sampler, eta=r.eta,
-                               steps=r.steps, shift=r.shift, group_size=r.group_size, shared_prefix=r.shared_prefix,
-                               dtype=r.dtype, **payload_options(cfg))
+        worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), **_rollout_kwargs(cfg))
     scorer = RewardScorer("oracle", frame_shape=(*video_shape(cfg.model), 3))
     cursor, n = PromptCursor(prompts, cfg.train.seed), 0
     stage = {"rollout": 0.0, "reward": 0.0, "learner": 0.0}
@@ -480,18 +488,53 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
             "cpu_seconds_per_step": cpu_per_step(cpu[warmup_steps], cpu[steps], measured)}
 
 
-def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict:
-    """Rollout actors + an oracle reward pool + a learner actor (as in orchestrator/cluster.py), driven like train_loop."""
+def _rollout_kwargs(cfg) -> dict:
+    from policy.rollout import payload_options
+
+    r = cfg.rollout
+    return dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
+                shared_prefix=r.shared_prefix, dtype=r.dtype, **payload_options(cfg))
+
+
+def _sharing_tax(cfg, prompts: list[str], groups: int = 8) -> dict:
+    """CPU ms per group of a rollout actor computing alone and of two computing at once (each group started
+    together): what processes that share the machine cost each other beyond the cores' count (caches, memory
+    bandwidth). It is the part of the pipeline's extra CPU that no schedule removes."""
+    from actors.rollout import rollout_actor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _untrained_base(cfg, tmp)
+        actors = [rollout_actor(i, cfg.model, base, _rollout_kwargs(cfg), num_cpus=cfg.ray.rollout_cpus,
+                                num_gpus=cfg.ray.rollout_gpus) for i in range(2)]
+        ray.get([a.ping.remote() for a in actors])
+
+    def cpu_ms_per_group(which: list) -> float:
+        before = process_cpu().get("rollout", 0.0)
+        for k in range(groups):
+            ray.get([a.generate_many.options(num_returns=3).remote([(f"t{k}", prompts[k % len(prompts)], k)])[-1]
+                     for a in which])
+        return (process_cpu()["rollout"] - before) * 1000 / (groups * len(which))
+
+    try:
+        cpu_ms_per_group(actors)  # warm-up
+        alone, together = cpu_ms_per_group(actors[:1]), cpu_ms_per_group(actors)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    return {"alone_ms_per_group": alone, "together_ms_per_group": together, "tax": together / alone}
+
+
+def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int, slots: int | None) -> dict:
+    """Rollout actors + an oracle reward pool + a learner actor (as in orchestrator/cluster.py), driven like train_loop
+    with `slots` compute slots."""
     from actors.learner import learner_group
     from actors.reward import reward_actor
     from actors.rollout import rollout_actor
     from orchestrator.config import RewardModelSpec
-    from policy.rollout import payload_options
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
     spec = next((s for s in cfg.rewards.models.values() if s.kind == "oracle"), RewardModelSpec(kind="oracle", num_cpus=0.1))
-    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
-                          shared_prefix=r.shared_prefix, dtype=r.dtype, **payload_options(cfg))
+    rollout_kwargs = _rollout_kwargs(cfg)
     pool = RewardPool("oracle", lambda name: reward_actor(name, "oracle", None, num_cpus=spec.num_cpus,
                                                           num_gpus=spec.num_gpus), spec.replicas)
     learners, rollouts = None, []
@@ -508,7 +551,7 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
         ledger = Ledger()
         pipe = Pipeline(rollouts, {"oracle": pool}, {"oracle": ["vq", "mq", "ta"]}, PromptCursor(prompts, cfg.train.seed),
                         StalenessManager(gps, cfg.train.max_staleness), ledger, seed=cfg.train.seed,
-                        group_size=r.group_size, groups_per_call=r.groups_per_call)
+                        group_size=r.group_size, groups_per_call=r.groups_per_call, compute_slots=slots)
         marks = drive(pipe, learner, steps, gps, "ta", pool=pool, count_processes=True)
         pipe.close()
     finally:
@@ -521,6 +564,6 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int) -> d
     balance = ledger.balance(set())
     return {"clips_per_s": (steps - warmup_steps) * gps * r.group_size / window, "seconds": window,
             "util_rollout": (marks[steps]["busy"] - marks[warmup_steps]["busy"]) / (len(rollouts) * window),
-            "rollout_calls_per_group": pipe.rollout_calls_per_group(), "ledger": balance,
+            "rollout_calls_per_group": pipe.rollout_calls_per_group(), "busy_peak": pipe.busy_peak, "ledger": balance,
             "cpu_seconds_per_step": cpu_per_step(marks[warmup_steps]["processes"], marks[steps]["processes"],
                                                  steps - warmup_steps)}

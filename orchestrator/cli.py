@@ -458,8 +458,13 @@ def cmd_bench_pipeline(args) -> None:
             res = real[name]
             print(f"CPU s/step, {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res["cpu_seconds_per_step"].items())
                   + f" ({res['cores_busy']:.2f} cores busy)")
+        tax = real["sharing_tax"]
         print(f"the pipeline spends {real['cpu_ratio']:.2f}x the loop's CPU on the same work: the cores allow it "
-              f"{real['cpu_bound_clips_per_s']:.2f} clips/s at most\n")
+              f"{real['cpu_bound_clips_per_s']:.2f} clips/s at most")
+        print(f"sharing the machine: a rollout actor spends {tax['alone_ms_per_group']:.1f} CPU ms per group alone, "
+              f"{tax['together_ms_per_group']:.1f} with another computing at once ({tax['tax']:.2f}x): the loop's "
+              f"work on all cores at that cost is {real['tax_bound_clips_per_s']:.2f} clips/s = "
+              f"{real['tax_bound_clips_per_s'] / real['synchronous']['clips_per_s']:.2f}x the loop here\n")
         result["real"] = real
     if args.mode in ("simulated", "both"):
         kw = dict(rollout_s=args.rollout_s, reward_s=args.reward_s, reward_replicas=args.reward_replicas,

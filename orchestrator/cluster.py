@@ -91,6 +91,17 @@ def check_fits(cfg: Config) -> None:
                              f"rewards.models.*.num_{what.lower()}s")
 
 
+def compute_slots(cfg: Config, cluster_cpus: float) -> int | None:
+    """`ray.compute_slots` resolved on a cluster of `cluster_cpus` CPUs: the most rollout calls and learner updates
+    the pipeline lets compute at once (None: no cap)."""
+    slots = cfg.ray.compute_slots
+    if slots != "auto":
+        return slots
+    if cfg.ray.rollout_gpus > 0 or cfg.ray.learner_gpus > 0:  # each actor computes on its own device
+        return None
+    return max(1, int(cluster_cpus // cfg.threads))
+
+
 def guidance_kwargs(cfg: Config, reward_checkpoints: dict[str, str | None]) -> dict | None:
     """What a rollout worker needs to guide its sampler (rollout.guidance): the reward model's checkpoint, the
     dimension, w and β; None when unguided."""

@@ -42,7 +42,11 @@ Scheduling at scale (64+ rollout actors on one driver):
 - the learner takes the oldest weights version first among what is ready (`(version, id)` order), so a group that
   finished late is trained before it turns stale, instead of being dropped behind younger ones;
 - idle time is accounted for every stage (`idle()`): waiting for input vs blocked on output (StreamRL's pipeline
-  vs skew bubbles), rollout blocked meaning the staleness capacity holds it back.
+  vs skew bubbles), rollout blocked meaning the staleness capacity holds it back;
+- `compute_slots` caps the rollout calls and learner update computing at once: where actors share CPU cores (a
+  CPU-only cluster), more of them than cores only time-slice and slow each other. A ready batch takes the next slot
+  that frees (no rollout starts before its update), and while the update runs one rollout call fewer may
+  (`busy_peak`: the most ever in flight). Re-runs after a failure are not held back.
 """
 
 from __future__ import annotations
@@ -187,15 +191,17 @@ class Pipeline:
                  next_group: int = 0, per_worker: int = 1, group_size: int = 1, dynamic_grouping=None,
                  signal_rewards: Sequence[str] = (), fail_after: dict[str, int] | None = None,
                  describe: dict[str, str] | None = None, in_order: bool = False, sync: BroadcastSync | None = None,
-                 groups_per_call: int = 1):
+                 groups_per_call: int = 1, compute_slots: int | None = None):
         """per_worker: rollout calls queued per actor, groups_per_call: groups each call generates (see the module
         docstring); dynamic_grouping: `rollout.dynamic_grouping` (min_std, max_resamples) or None; signal_rewards: the
         reward names whose spread counts as signal (the learner's channels); fail_after: {pool: N}, end the run after N
         groups in a row dropped for infrastructure errors of that pool (absent: never); describe: {pool: how errors name
         it}, e.g. its URL; in_order: `train.deterministic` (see the module docstring; per_worker is then no bound, the
-        staleness capacity is); sync: weights.sync=broadcast (None: every version through the object store)."""
-        if per_worker < 1 or groups_per_call < 1:
-            raise ValueError(f"per_worker and groups_per_call must be >= 1, got {per_worker}, {groups_per_call}")
+        staleness capacity is); sync: weights.sync=broadcast (None: every version through the object store);
+        compute_slots: the most rollout calls + learner update in flight at once (None: no cap)."""
+        if per_worker < 1 or groups_per_call < 1 or (compute_slots is not None and compute_slots < 1):
+            raise ValueError(f"per_worker, groups_per_call and compute_slots must be >= 1, got {per_worker}, "
+                             f"{groups_per_call}, {compute_slots}")
         if in_order and groups_per_call != 1:
             raise ValueError(f"in order (train.deterministic) handles one group at a time: groups_per_call must be 1, "
                              f"got {groups_per_call}")
@@ -204,6 +210,9 @@ class Pipeline:
         self.prompts, self.staleness, self.ledger = prompts, staleness, ledger
         self.seed, self.next_group, self.per_worker, self.group_size = seed, next_group, per_worker, group_size
         self.groups_per_call = groups_per_call
+        # in order, one actor's calls run one after another and nothing starts mid-step: no cap needed
+        self.compute_slots = None if in_order else compute_slots
+        self.learning = self.busy_peak = 0  # learning: 1 while an update holds its slot
         self.rolling: dict[ray.ObjectRef, list[Group]] = {}  # metadata ref of a call -> its groups being generated
         self.calls = self.launched = 0  # generate calls sent, groups they carried
         self.scoring: dict[str, Group] = {}
@@ -266,13 +275,23 @@ class Pipeline:
 
     def _start_rollouts(self, learner_version: int) -> None:
         budget = self.staleness.capacity(learner_version)
-        while budget > 0 and (self.in_order or self.free):
+        while budget > 0 and (self.in_order or self.free) and self._fits(self._busy_calls() + 1):
             groups = [self._new_group() for _ in range(min(budget, self.groups_per_call))]
             budget -= len(groups)
             self._launch(groups)
         waiting_for = "output" if budget == 0 else "input"  # idle actors wait for the learner (the staleness capacity)
         if waiting_for != self.rollout_clock.idle_is:
             self.rollout_clock.change(idle_is=waiting_for)
+
+    def _busy_calls(self) -> int:
+        """Rollout calls in flight, plus the update while it holds its slot."""
+        return len(self.rolling) + self.learning
+
+    def _fits(self, calls: int) -> bool:
+        return self.compute_slots is None or calls <= self.compute_slots
+
+    def _busy(self) -> None:
+        self.busy_peak = max(self.busy_peak, self._busy_calls())
 
     def _new_group(self) -> Group:
         gid = f"g{self.next_group:06d}"
@@ -300,6 +319,7 @@ class Pipeline:
         for i, group in enumerate(groups):
             group.worker, group.batch_ref, group.payload_ref = w, refs[i], refs[len(groups) + i]
         self.rolling[metas] = groups
+        self._busy()
         self.calls += 1
         self.launched += len(groups)
         self.done.watch(metas, metas)
@@ -440,7 +460,11 @@ class Pipeline:
         t0 = time.perf_counter()
         self.learner_clock.change(idle_is="input")
         batch = self.next_batch(n, learner_version=version)
+        self.learning = 1  # the update holds a slot from now: no rollout starts in it, and it waits for it to free
+        while not self._fits(self._busy_calls()):
+            self.pump(version, timeout=0.05)
         self.learner_clock.change(busy=1)
+        self._busy()
         waited = time.perf_counter() - t0
         extra = {} if channel_weights is None else {"channel_weights": channel_weights(batch)}
         update = learner.train_step.remote([g.payload_ref for g in batch], [g.rewards for g in batch], primary, taus,
@@ -449,6 +473,7 @@ class Pipeline:
         if not self.in_order:  # in order, the actors work on what they hold; nothing new starts mid-step
             while not update.done():
                 self.pump(version, timeout=0.05)
+        self.learning = 0
         self.learner_clock.change(busy=-1, idle_is="output")
         stats = update.result()
         self.publish_from(learner, version + 1)

@@ -40,7 +40,7 @@ from orchestrator.autoscale import restore_scaling, scale_step, scaling_state
 from orchestrator.chaos import ChaosMonkey
 from orchestrator.checkpoint import (Checkpoint, latest_checkpoint, restore_rng, rng_state, save_checkpoint,
                                      seed_global_rngs)
-from orchestrator.cluster import RunActors, start_actors
+from orchestrator.cluster import RunActors, compute_slots, start_actors
 from orchestrator.config import Config
 from orchestrator.ledger import Ledger
 from orchestrator.metrics import DashboardMetrics, MetricsLog
@@ -206,7 +206,8 @@ def _train_steps(cfg: Config, run_dir: Path, actors: RunActors, prompts: list[st
                     fail_after={n: s.max_consecutive_failures for n, s in cfg.rewards.models.items()},
                     describe={n: f"{n!r} ({s.url})" if s.url else repr(n) for n, s in cfg.rewards.models.items()},
                     in_order=cfg.train.deterministic, sync=_weight_sync(cfg, actors),
-                    groups_per_call=cfg.rollout.groups_per_call)
+                    groups_per_call=cfg.rollout.groups_per_call,
+                    compute_slots=compute_slots(cfg, ray.cluster_resources().get("CPU", 0.0)))
     channel_weights = (lambda batch: run.curriculum.update(batch_means(batch))) if run.curriculum else None
     log = MetricsLog(run_dir, start_step=run.step)
     dash = DashboardMetrics()
@@ -293,7 +294,7 @@ def _metrics_row(run: Run, batch: list[Group], means, stats, lambdas, pipe: Pipe
            "throughput/total_samples_per_s": run.samples / wall,
            "payload/bytes_per_group": (pipe.bytes["batch"] + pipe.bytes["payload"]) / max(1, pipe.bytes["groups"]),
            **{f"queue/{k}": v for k, v in pipe.depths().items()},
-           "pipeline/rollout_calls_per_group": pipe.rollout_calls_per_group(),
+           "pipeline/rollout_calls_per_group": pipe.rollout_calls_per_group(), "pipeline/busy_peak": pipe.busy_peak,
            **{f"ledger/{k}": v for k, v in run.ledger.balance(pipe.held()).items() if isinstance(v, int)}}
     if run.curriculum:  # the weights this step trained with, and the competence they came from
         row["curriculum/competence"] = run.curriculum.competence

@@ -153,15 +153,47 @@ def test_dropped_groups_give_their_admission_slot_back(ray_cluster):
             ray.kill(handle, no_restart=True)
 
 
+@pytest.mark.parametrize("slots", [None, 1, 2])
+def test_compute_slots_cap_what_computes_at_once(ray_cluster, slots):
+    """4 idle rollout actors and an admission window of 8 groups: uncapped, the first pump starts a call on every actor
+    (4 in flight, 5 with the update); with N compute slots at most N calls (rollouts + the update) are ever in flight,
+    the update waiting for a slot rather than adding to them, and training still goes on."""
+    gps, steps = 4, 4
+    rollouts = [simulated_rollout_actor(i, 0.03) for i in range(4)]
+    pool = RewardPool("simulated", lambda name: simulated_reward_actor(name, 0.005), 1)
+    learner = simulated_learner_actor(0.05)
+    ledger = Ledger()
+    pipe = Pipeline(rollouts, {"simulated": pool}, {"simulated": ["score"]}, PromptCursor(["p"], 0),
+                    StalenessManager(gps, 1), ledger, seed=0, compute_slots=slots)
+    try:
+        drive(pipe, learner, steps, gps, "score", pool)
+        assert ledger.balance(pipe.held())["consumed"] == steps * gps
+        if slots is None:
+            assert pipe.busy_peak >= 4
+        else:
+            assert pipe.busy_peak == slots
+    finally:
+        pipe.close()
+        pool.shutdown()
+        for handle in [*rollouts, learner]:
+            ray.kill(handle, no_restart=True)
+    with pytest.raises(ValueError, match="compute_slots"):
+        Pipeline([], {}, {}, PromptCursor(["p"], 0), StalenessManager(1, 0), Ledger(), seed=0, compute_slots=0)
+
+
 def test_real_mode_times_both_loops(ray_cluster):
     cfg = load_config(None, ["model.dim=16", "model.depth=1", "rollout.steps=2", "rollout.group_size=2",
                              "train.groups_per_step=2", "ray.rollout_workers=1", "ray.rollout_cpus=0.2",
                              "ray.learner_cpus=0.2", "rollout.groups_per_call=2"])
     res = real_pipeline(cfg, steps=3, warmup_steps=1)
     assert res["settings"]["groups_per_call"] == 2 and res["pipeline"]["rollout_calls_per_group"] < 1
-    sync, actor = res["rows"]
-    assert sync["loop"] == "synchronous" and actor["loop"] == "actor pipeline"
-    assert sync["clips_per_s"] > 0 and actor["clips_per_s"] > 0
+    # ray.compute_slots=auto on this CPU-only 2-CPU cluster: 2 slots, and a third row runs without the cap
+    assert res["settings"]["compute_slots"] == 2
+    sync, actor, uncapped = res["rows"]
+    assert sync["loop"] == "synchronous" and actor["loop"] == "actor pipeline (2 compute slots)"
+    assert uncapped["loop"] == "actor pipeline (no cap)" and uncapped["clips"] == actor["clips"]
+    assert actor["busy_peak"] == res["pipeline"]["busy_peak"] <= 2
+    assert sync["clips_per_s"] > 0 and actor["clips_per_s"] > 0 and uncapped["clips_per_s"] > 0
     assert res["ratio"] == pytest.approx(actor["clips_per_s"] / sync["clips_per_s"])
     assert sync["clips"] == actor["clips"] == 2 * 2 * 2  # measured steps x groups x clips: the same work both ways
     assert res["pipeline"]["ledger"]["consumed"] == 3 * 2 and res["pipeline"]["ledger"]["balanced"]
@@ -181,6 +213,9 @@ def test_real_mode_times_both_loops(ray_cluster):
         assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"))
     assert res["cpu_ratio"] == pytest.approx(pipe_cpu["total"] / sync_cpu["total"])
     assert res["cpu_bound_clips_per_s"] == pytest.approx(2 * 2 * cores / pipe_cpu["total"])
+    tax = res["sharing_tax"]  # CPU per group of a rollout actor alone and beside another one
+    assert tax["alone_ms_per_group"] > 0 and tax["tax"] == pytest.approx(tax["together_ms_per_group"] / tax["alone_ms_per_group"])
+    assert res["tax_bound_clips_per_s"] == pytest.approx(2 * 2 * cores / (sync_cpu["total"] * tax["tax"]))
     with pytest.raises(ValueError, match="warmup_steps"):
         real_pipeline(cfg, steps=2, warmup_steps=2)
 

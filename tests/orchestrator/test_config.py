@@ -35,6 +35,8 @@ def test_overrides_are_typed_and_nested():
         ("rollout.sampler=euler", "rollout.sampler"),
         ("pretrain.steps=many", "pretrain.steps"),
         ("model.patch=5", "patch"),
+        ("ray.compute_slots=0", "ray.compute_slots"),
+        ("ray.compute_slots=some", "ray.compute_slots"),
     ],
 )
 def test_bad_values_name_the_key(override, names):
@@ -192,6 +194,20 @@ def test_top_level_seed_sets_every_section_seed_the_config_leaves_unset():
 ])
 def test_weights_sync_auto_broadcasts_full_weights_between_gpus(overrides, sync):
     assert load_config(None, overrides).weight_sync() == sync
+
+
+@pytest.mark.parametrize("overrides, cpus, slots", [
+    ([], 2, 2),  # the embedded default on 2 cores: one rollout call or update per core
+    (["threads=2"], 8, 4),  # each process computes on 2 threads
+    (["threads=4"], 2, 1),
+    (["ray.rollout_gpus=0.5", "ray.learner_gpus=1"], 16, None),  # the policy on GPUs: no cap
+    (["ray.compute_slots=3"], 2, 3),
+    (["ray.compute_slots=null"], 2, None),
+])
+def test_compute_slots_auto_is_the_cores_of_a_cpu_only_cluster(overrides, cpus, slots):
+    from orchestrator.cluster import compute_slots
+
+    assert compute_slots(load_config(None, overrides), cpus) == slots
 
 
 def test_weights_settings_reach_the_broadcast_group():

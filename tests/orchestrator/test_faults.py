@@ -144,8 +144,9 @@ def test_broadcast_weight_sync_survives_rollout_restarts(tmp_path, ray_cluster):
     """weights.sync=broadcast through the whole loop while chaos kills rollout actors: every kill breaks the
     broadcast group, which is opened anew before the next version; the restarted actor catches up from the store,
     and a rollout that missed a version is run again on the current one. (Kills 4 s apart: how many versions meet an
-    actor still restarting depends on the machine's speed, so the test asks for a broadcast after the first kill.)"""
-    cfg = tiny_config(tmp_path, "train.steps=16", "weights.sync=broadcast", "weights.bucket_mb=0.01",
+    actor still restarting depends on the machine's speed, so the test asks for a broadcast after the first kill; 32
+    steps, so that a fast machine still sees two kills: 16 took 8 s on one.)"""
+    cfg = tiny_config(tmp_path, "train.steps=32", "weights.sync=broadcast", "weights.bucket_mb=0.01",
                       "weights.timeout_s=3", "chaos.kill_every_s=4", "chaos.roles=[rollout]",
                       "train.checkpoint_every=100")
     summary = run_training(cfg, tmp_path / "run", progress=False)
@@ -160,4 +161,4 @@ def test_broadcast_weight_sync_survives_rollout_restarts(tmp_path, ray_cluster):
     assert np.sum(~np.isnan(sent[first_kill + 1:])) >= 1, (kills, sent)
     assert np.nanmin(m["weights/broadcast_buckets"]) >= full / (0.01 * 2**20)  # weights.bucket_mb cuts the buckets
     ledger = summary["ledger"]
-    assert ledger["retried"] > 0 and ledger["lost"] == 0 and ledger["balanced"] and ledger["consumed"] == 16 * 2
+    assert ledger["retried"] > 0 and ledger["lost"] == 0 and ledger["balanced"] and ledger["consumed"] == 32 * 2
