@@ -498,8 +498,8 @@ def _rollout_kwargs(cfg) -> dict:
 
 def _sharing_tax(cfg, prompts: list[str], groups: int = 8) -> dict:
     """CPU ms per group of a rollout actor computing alone and of two computing at once (each group started
-    together): what processes that share the machine cost each other beyond the cores' count (caches, memory
-    bandwidth). It is the part of the pipeline's extra CPU that no schedule removes."""
+    together): what processes that share the machine cost each other even with a core each (what they share in the
+    host, not measured apart). It is the part of the pipeline's extra CPU that no schedule removes."""
     from actors.rollout import rollout_actor
 
     with tempfile.TemporaryDirectory() as tmp:

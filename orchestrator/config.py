@@ -262,10 +262,10 @@ class RayConfig(Section):
     placement: Literal["pack", "spread"] = "pack"  # the learner ranks' placement group strategy
     num_cpus: int | None = None  # local cluster size (None: all cores)
     dashboard: bool = True  # a local cluster runs the Ray dashboard (off: its processes' CPU stays with the run)
-    # the most rollout calls and learner updates computing at once. Actors that share CPU cores slow each other
-    # beyond the cores' count (two torch processes on one core each lose ~10%), so "auto" caps it at the cluster's
-    # CPUs / `threads` when the policy runs on CPUs (rollout_gpus = learner_gpus = 0), and sets no cap on GPUs;
-    # null: no cap; N: N (orchestrator.cluster.compute_slots)
+    # the most rollout calls and learner updates computing at once. More busy actors than cores only time-slice
+    # (2 rollout actors + the learner on 2 cores: the pipeline 6-13% slower uncapped, README), so "auto" caps it at
+    # the cluster's CPUs / `threads` when the policy runs on CPUs (rollout_gpus = learner_gpus = 0), and sets no cap
+    # on GPUs; null: no cap; N: N (orchestrator.cluster.compute_slots)
     compute_slots: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
 
 
