@@ -42,7 +42,7 @@ Scheduling at scale (64+ rollout actors on one driver):
 - the learner takes the oldest weights version first among what is ready (`(version, id)` order), so a group that
   finished late is trained before it turns stale, instead of being dropped behind younger ones;
 - idle time is accounted for every stage (`idle()`): waiting for input vs blocked on output (StreamRL's pipeline
-  vs skew bubbles), rollout blocked meaning the staleness capacity holds it back;
+  vs skew bubbles), rollout blocked meaning the staleness capacity (or the compute slots) hold it back;
 - `compute_slots` caps the rollout calls and learner update computing at once: where actors share CPU cores (a
   CPU-only cluster), more of them than cores only time-slice and slow each other. A ready batch takes the next slot
   that frees (no rollout starts before its update), and while the update runs one rollout call fewer may
@@ -279,7 +279,8 @@ class Pipeline:
             groups = [self._new_group() for _ in range(min(budget, self.groups_per_call))]
             budget -= len(groups)
             self._launch(groups)
-        waiting_for = "output" if budget == 0 else "input"  # idle actors wait for the learner (the staleness capacity)
+        # idle actors wait for the learner (the staleness capacity) or for a compute slot: held back, not starved
+        waiting_for = "output" if budget == 0 or not self._fits(self._busy_calls() + 1) else "input"
         if waiting_for != self.rollout_clock.idle_is:
             self.rollout_clock.change(idle_is=waiting_for)
 
