@@ -68,7 +68,8 @@ def tiny_config(cache, steps):
         "ray.rollout_workers=1", "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2",
         f"train.steps={steps}", "train.groups_per_step=1", "train.max_staleness=0", "train.checkpoint_every=1",
         # on-policy PPO without equaliser or KL: loss/policy = mean(-clip(A)) exactly, A from the channel weights
-        "learner.loss=ppo", "learner.kl=none", "learner.equalizer=false", f"learner.adv_clip={ADV_CLIP}",
+        "learner.loss=ppo", "rollout.sampler=sage", "rollout.eta=0.7", "learner.kl=none", "learner.equalizer=false",
+        f"learner.adv_clip={ADV_CLIP}",
         "rewards.curriculum={thresholds: [0.0, 0.15, 0.4], decay: 0.5}", f"cache_dir={cache}",
     ])
 

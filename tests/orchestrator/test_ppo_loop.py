@@ -35,7 +35,8 @@ def kind_config(cache, kind):
         "rollout.steps=3", "rollout.group_size=3",
         "rewards.models={oracle: {kind: oracle}}", "ray.rollout_workers=1", "ray.rollout_cpus=0.2",
         "ray.learner_cpus=0.2", "train.steps=3", "train.groups_per_step=1", "train.max_staleness=1",
-        "train.checkpoint_every=1", "learner.loss=ppo", f"learner.kl={kind}", "learner.update_ref_every=2",
+        "train.checkpoint_every=1", "learner.loss=ppo", "rollout.sampler=sage", "rollout.eta=0.7", f"learner.kl={kind}",
+        "learner.update_ref_every=2",
         "learner.step_fraction=1.0", f"learner.adv_clip={ADV_CLIP}", "learner.lr=0.01",
         f"learner.equalizer={kind != 'none'}", f"cache_dir={cache}",
     ])
