@@ -128,7 +128,8 @@ def test_rollout_payload_dtype_is_validated_and_reaches_the_worker(base):
         generate(base, payload_dtype="float8")
     assert load_config(None, []).rollout.payload_dtype == "float32"
     shapes = {}
-    for overrides in ([], ["rollout.payload_dtype=bfloat16"], ["learner.loss=ppo"]):
+    ppo = ["learner.loss=ppo", "rollout.sampler=sage", "rollout.eta=0.7"]
+    for overrides in ([], ["rollout.payload_dtype=bfloat16"], ppo):
         _, payload, meta = generate(base, **payload_options(load_config(None, overrides)))
         shapes[tuple(overrides)] = (payload["latents"].dtype, payload["latents"].shape[1], meta["payload_bytes"])
     (d0, l0, b0), (d1, l1, b1), (d2, l2, b2) = shapes.values()
