@@ -447,13 +447,13 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
     """flow_grpo / DanceGRPO order in one process: generate all groups, score them, one learner step, sync weights."""
     from policy.backend import init_policy, video_shape
     from policy.learner import Learner, ScoredGroup
-    from policy.rollout import RolloutWorker, trajectory_from_payload
+    from policy.rollout import RolloutWorker, trajectory_from_payload, worker_options
     from rewards.scorer import RewardScorer
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
     learner = Learner(init_policy(cfg.model), cfg.learner, steps, cfg.train.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), **_rollout_kwargs(cfg))
+        worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), **worker_options(cfg))
     scorer = RewardScorer("oracle", frame_shape=(*video_shape(cfg.model), 3))
     cursor, n = PromptCursor(prompts, cfg.train.seed), 0
     stage = {"rollout": 0.0, "reward": 0.0, "learner": 0.0}
@@ -488,23 +488,16 @@ def _synchronous(cfg, prompts: list[str], steps: int, warmup_steps: int) -> dict
             "cpu_seconds_per_step": cpu_per_step(cpu[warmup_steps], cpu[steps], measured)}
 
 
-def _rollout_kwargs(cfg) -> dict:
-    from policy.rollout import payload_options
-
-    r = cfg.rollout
-    return dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
-                shared_prefix=r.shared_prefix, dtype=r.dtype, **payload_options(cfg))
-
-
 def _sharing_tax(cfg, prompts: list[str], groups: int = 8) -> dict:
     """CPU ms per group of a rollout actor computing alone and of two computing at once (each group started
     together): what processes that share the machine cost each other even with a core each (what they share in the
     host, not measured apart). It is the part of the pipeline's extra CPU that no schedule removes."""
     from actors.rollout import rollout_actor
+    from policy.rollout import worker_options
 
     with tempfile.TemporaryDirectory() as tmp:
         base = _untrained_base(cfg, tmp)
-        actors = [rollout_actor(i, cfg.model, base, _rollout_kwargs(cfg), num_cpus=cfg.ray.rollout_cpus,
+        actors = [rollout_actor(i, cfg.model, base, worker_options(cfg), num_cpus=cfg.ray.rollout_cpus,
                                 num_gpus=cfg.ray.rollout_gpus) for i in range(2)]
         ray.get([a.ping.remote() for a in actors])
 
@@ -530,11 +523,12 @@ def _actor_pipeline(cfg, prompts: list[str], steps: int, warmup_steps: int, slot
     from actors.learner import learner_group
     from actors.reward import reward_actor
     from actors.rollout import rollout_actor
+    from policy.rollout import worker_options
     from orchestrator.config import RewardModelSpec
 
     r, gps = cfg.rollout, cfg.train.groups_per_step
     spec = next((s for s in cfg.rewards.models.values() if s.kind == "oracle"), RewardModelSpec(kind="oracle", num_cpus=0.1))
-    rollout_kwargs = _rollout_kwargs(cfg)
+    rollout_kwargs = worker_options(cfg)
     pool = RewardPool("oracle", lambda name: reward_actor(name, "oracle", None, num_cpus=spec.num_cpus,
                                                           num_gpus=spec.num_gpus), spec.replicas)
     learners, rollouts = None, []

@@ -21,7 +21,7 @@ from orchestrator.config import Config, guidance_source
 from orchestrator.reward_pool import RewardPool
 from policy.backend import video_shape
 from policy.learner import check_rewards
-from policy.rollout import payload_options
+from policy.rollout import worker_options
 
 
 def connect(cfg: Config, address: str | None = None) -> None:
@@ -119,12 +119,8 @@ def start_actors(cfg: Config, base, reward_checkpoints: dict[str, str | None],
     # the learner's extra reward names (selective KL) are known to exist only now (a checkpoint's dims): before any actor
     check_rewards(cfg.learner, [s.prefix + d for n, s in cfg.rewards.models.items() for d in reward_dims[n]])
     base_path = None if base.path is None else str(base.path)
-    r = cfg.rollout
     table = None if base.prompt_table is None else [ray.put(base.prompt_table)]  # one copy in the store for all actors
-    rollout_kwargs = dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
-                          shared_prefix=r.shared_prefix, dtype=r.dtype, prompt_table=table, frames=r.frames,
-                          guidance=guidance_kwargs(cfg, reward_checkpoints), extras=tuple(r.extras),
-                          **payload_options(cfg))
+    rollout_kwargs = dict(worker_options(cfg), prompt_table=table, guidance=guidance_kwargs(cfg, reward_checkpoints))
     rollouts = [rollout_actor(i, cfg.model, base_path, rollout_kwargs, num_cpus=cfg.ray.rollout_cpus,
                               num_gpus=cfg.ray.rollout_gpus) for i in range(cfg.ray.rollout_workers)]
     pools, names = {}, {}

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import tempfile
 
-from policy.rollout import PAYLOAD_DTYPES, RolloutWorker, buffer_bytes, trajectory_from_payload, trajectory_payload
+from policy.rollout import (PAYLOAD_DTYPES, RolloutWorker, buffer_bytes, trajectory_from_payload, trajectory_payload,
+                            worker_options)
 
 COLUMNS = ["payload", "learner_reads", "payload_dtype", "batch_bytes", "latents", "log_probs", "cond", "sigmas",
            "payload_bytes", "vs_before"]
@@ -28,9 +29,8 @@ def payload_bench(cfg, seed: int = 0, prompt: str | None = None) -> dict:
     r = cfg.rollout
     prompt = prompt or training_prompts(cfg)[0]
     with tempfile.TemporaryDirectory() as tmp:  # one group, every level and log-prob: each row is cut from it
-        worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp), mode=r.mode, sampler=r.sampler, eta=r.eta,
-                               steps=r.steps, shift=r.shift, group_size=r.group_size, shared_prefix=r.shared_prefix,
-                               dtype=r.dtype, frames=r.frames, extras=tuple(r.extras), keep_steps=True)
+        worker = RolloutWorker(cfg.model, _untrained_base(cfg, tmp),
+                               **dict(worker_options(cfg), keep_steps=True, payload_dtype="float32"))
         batch, whole, _ = worker.generate("g0", prompt, seed)
     traj = trajectory_from_payload(whole)  # every level, log-probs of every chunk (the prefix's are stand-ins)
     before = {"latents": traj.latents.numel() * 4, "log_probs": traj.log_probs.numel() * 4,

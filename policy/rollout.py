@@ -164,6 +164,15 @@ class RewardGuide:
         return guide
 
 
+def worker_options(cfg) -> dict:
+    """Every RolloutWorker argument a run's config (orchestrator.config.Config) sets, beyond the model and its base
+    (a run's actors add the prompt table and the guidance they build)."""
+    r = cfg.rollout
+    return dict(mode=r.mode, sampler=r.sampler, eta=r.eta, steps=r.steps, shift=r.shift, group_size=r.group_size,
+                shared_prefix=r.shared_prefix, dtype=r.dtype, frames=r.frames, extras=tuple(r.extras),
+                **payload_options(cfg))
+
+
 def payload_options(cfg) -> dict:
     """The RolloutWorker arguments a run's config (orchestrator.config.Config) sets for its payloads: keep the sampler
     steps when the learner reads them (learner.loss), store in rollout.payload_dtype."""
