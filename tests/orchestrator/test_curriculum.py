@@ -16,6 +16,7 @@ from orchestrator.train import train_loop
 from rewards.advantages import SELF_PACED_STAGES, gdpo_advantages, self_paced_weights
 from rewards.curriculum import CurriculumConfig, SelfPacedCurriculum
 from rewards.world import train_prompts
+from tests.policy.helpers import SDE_ROLLOUTS
 
 CURRICULUM = ["vq", "mq", "ta"]
 
@@ -68,7 +69,7 @@ def tiny_config(cache, steps):
         "ray.rollout_workers=1", "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2",
         f"train.steps={steps}", "train.groups_per_step=1", "train.max_staleness=0", "train.checkpoint_every=1",
         # on-policy PPO without equaliser or KL: loss/policy = mean(-clip(A)) exactly, A from the channel weights
-        "learner.loss=ppo", "rollout.sampler=sage", "rollout.eta=0.7", "learner.kl=none", "learner.equalizer=false",
+        "learner.loss=ppo", *SDE_ROLLOUTS, "learner.kl=none", "learner.equalizer=false",
         f"learner.adv_clip={ADV_CLIP}",
         "rewards.curriculum={thresholds: [0.0, 0.15, 0.4], decay: 0.5}", f"cache_dir={cache}",
     ])

@@ -22,6 +22,7 @@ from orchestrator.train import train_loop
 from policy.sde import equalizer_scales, sigma_schedule
 from rewards.advantages import gdpo_advantages
 from rewards.world import train_prompts
+from tests.policy.helpers import SDE_ROLLOUTS
 
 pytestmark = pytest.mark.slow
 KINDS = ("none", "fixed", "moving", "stepwise", "dual")
@@ -35,7 +36,7 @@ def kind_config(cache, kind):
         "rollout.steps=3", "rollout.group_size=3",
         "rewards.models={oracle: {kind: oracle}}", "ray.rollout_workers=1", "ray.rollout_cpus=0.2",
         "ray.learner_cpus=0.2", "train.steps=3", "train.groups_per_step=1", "train.max_staleness=1",
-        "train.checkpoint_every=1", "learner.loss=ppo", "rollout.sampler=sage", "rollout.eta=0.7", f"learner.kl={kind}",
+        "train.checkpoint_every=1", "learner.loss=ppo", *SDE_ROLLOUTS, f"learner.kl={kind}",
         "learner.update_ref_every=2",
         "learner.step_fraction=1.0", f"learner.adv_clip={ADV_CLIP}", "learner.lr=0.01",
         f"learner.equalizer={kind != 'none'}", f"cache_dir={cache}",

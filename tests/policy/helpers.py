@@ -1,8 +1,12 @@
-"""What the policy tests share: a word list of their own and a small VideoDiT with every path switched on."""
+"""What the policy tests share: a word list of their own, a small VideoDiT with every path switched on, and the
+rollout overrides of an SDE sampler."""
 
 import torch
 
 from policy.model import ModelConfig, VideoDiT
+
+# tiny.yaml samples rollouts with the ODE; PPO (and the importance-ratio check) needs an SDE's log-probs
+SDE_ROLLOUTS = ["rollout.sampler=sage", "rollout.eta=0.7"]
 
 VOCAB = (
     "a moving red green blue yellow cyan magenta white square circle triangle left right up down slowly quickly"

@@ -12,7 +12,7 @@ from policy.model import ModelConfig
 from policy.wan.config import LoraConfig, WanConfig
 from policy.wan.init import write_random_model
 
-from .helpers import VOCAB
+from .helpers import SDE_ROLLOUTS, VOCAB
 
 SAMPLING = dict(mode="causal", sampler="sage", eta=0.7, steps=3, shift=1.0, group_size=2, clip_range=1e-3)
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def test_a_lora_wan_passes_every_check(tmp_path):
 @pytest.mark.slow
 def test_the_cli_prints_a_table_writes_json_and_exits_1_on_a_failure(tmp_path):
     args = [sys.executable, "-m", "orchestrator.cli", "doctor", "--out", str(tmp_path), "model.dim=32", "model.depth=2",
-            "rollout.steps=3", "rollout.group_size=2", "rollout.sampler=sage", "rollout.eta=0.7",  # PPO's view: an SDE
+            "rollout.steps=3", "rollout.group_size=2", *SDE_ROLLOUTS,  # PPO's view: an SDE
             f"cache_dir={tmp_path / 'cache'}"]
     ok = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -13,7 +13,7 @@ from orchestrator.config import ConfigError, load_config
 from policy.learner import Learner, LearnerConfig, ScoredGroup
 from policy.rollout import RolloutWorker, buffer_bytes, payload_options, trajectory_from_payload
 
-from .helpers import make_model
+from .helpers import SDE_ROLLOUTS, make_model
 
 PROMPT = "a red circle moving left quickly"
 REWARDS = np.array([0.1, 0.9, 0.4, 0.6], dtype=np.float32)
@@ -128,7 +128,7 @@ def test_rollout_payload_dtype_is_validated_and_reaches_the_worker(base):
         generate(base, payload_dtype="float8")
     assert load_config(None, []).rollout.payload_dtype == "float32"
     shapes = {}
-    ppo = ["learner.loss=ppo", "rollout.sampler=sage", "rollout.eta=0.7"]
+    ppo = ["learner.loss=ppo", *SDE_ROLLOUTS]
     for overrides in ([], ["rollout.payload_dtype=bfloat16"], ppo):
         _, payload, meta = generate(base, **payload_options(load_config(None, overrides)))
         shapes[tuple(overrides)] = (payload["latents"].dtype, payload["latents"].shape[1], meta["payload_bytes"])
