@@ -17,17 +17,20 @@ from pathlib import Path
 
 
 from actors.failures import LearnerCrashLoop
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError, load_config, usable_cores
 from orchestrator.progress import progress_interval, redraw_every
 
 
-def _config(args):
+def _config(args, driver: bool = True):
+    """The command's config; torch threads: `driver_threads` for the driver's own compute (pretraining, reward models,
+    calibration, evaluation), `threads` where actors compute beside it (train, whose stages set their own) or where
+    a bench compares with them."""
     import torch
 
     from policy.backend import check_policy_config
 
     cfg = load_config(args.config, args.overrides)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.driver_torch_threads() if driver else cfg.threads)
     check_policy_config(cfg.model)  # model files, frames, LoRA targets: one line now, not a traceback later
     return cfg
 
@@ -193,7 +196,7 @@ def cmd_train(args) -> None:
     from orchestrator.train import run_training
     from rewards.oracle import TERMS
 
-    cfg = _config(args)
+    cfg = _config(args, driver=False)
     run_dir = Path(args.resume or cfg.train.run_dir)
     if args.resume:
         if not run_dir.is_dir():
@@ -394,6 +397,8 @@ def cmd_claims(args) -> None:
     start = time.perf_counter()
     same = [*args.items, *(["--seeds", str(args.seeds)] if args.seeds else []),
             *(["--claims-dir", args.claims_dir] if args.claims_dir else [])]
+    if args.jobs > 1 and not os.environ.get("OMP_NUM_THREADS"):  # each run's driver_threads default: a share of cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // args.jobs))
     sweeps = side_sweeps(same, out, args.jobs - 1)  # the same sweep beside this one: the run locks split the runs
     failed = run_claims(claims, out)
     for i, (proc, log) in enumerate(sweeps, 1):
@@ -413,7 +418,7 @@ def cmd_bench_kvcache(args) -> None:
     from policy.backend import init_policy
     from policy.kv_bench import kvcache_benchmark
 
-    cfg = _config(args)
+    cfg = _config(args, driver=False)  # a rollout actor's threads
     model = init_policy(cfg.model).eval()  # timing needs no training
     rows = kvcache_benchmark(model, group_size=cfg.rollout.group_size, steps=cfg.rollout.steps)
     shape = model.shape
@@ -444,7 +449,7 @@ def cmd_bench_pipeline(args) -> None:
     from orchestrator.cluster import connect
     from orchestrator.tables import format_table, write_json
 
-    cfg = _config(args)
+    cfg = _config(args, driver=False)  # the synchronous loop on the actors' threads
     connect(cfg, args.address)
     result = {}
     if args.mode in ("real", "both"):

@@ -32,6 +32,11 @@ from rewards.world import VOCAB, FlawConfig
 SAMPLERS = ("ode", "flow_grpo", "dance_grpo", "sage", "cps")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported as one line naming the key."""
 
@@ -312,7 +317,10 @@ class Config(Section):
     weights: WeightsConfig = WeightsConfig()
     eval: EvalConfig = EvalConfig()
     cache_dir: str | None = None  # None: $VIDEORL_CACHE or ~/.cache/videorl
-    threads: int = Field(1, ge=1)  # torch threads per process; more oversubscribes small CPU ops
+    threads: int = Field(1, ge=1)  # torch threads per process while the actors compute; more oversubscribes small ops
+    # torch threads of the driver's own compute, which runs while no actor computes (pretraining, preference data,
+    # reward models, calibration, evaluation); None: $OMP_NUM_THREADS, else every core this process may use
+    driver_threads: int | None = Field(None, ge=1)
     # one seed for every random choice of a run (data, pretraining, preference pairs, reward models, users,
     # calibration, training) where the section sets none itself; eval.seed stays: runs share one held-out draw
     seed: int | None = None
@@ -325,6 +333,15 @@ class Config(Section):
 
         on_gpus = self.ray.learner_gpus > 0 and self.ray.rollout_gpus > 0
         return "broadcast" if on_gpus and not uses_lora(self.model) else "object_store"
+
+    def driver_torch_threads(self) -> int:
+        """`driver_threads` resolved (see the key)."""
+        if self.driver_threads is not None:
+            return self.driver_threads
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        if env.isdigit() and int(env) > 0:
+            return int(env)
+        return usable_cores()
 
     def seeded_sections(self) -> list[BaseModel]:
         """The sections whose `seed` the top-level seed sets."""

@@ -61,6 +61,7 @@ def train_base_model(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
     (tmp / DONE).write_text(json.dumps({
         "config": cfg.model_dump(mode="json", include={"model", "data", "pretrain"}),
         "seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
         "final_loss": float(np.mean(losses[-100:])),
     }, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

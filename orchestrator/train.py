@@ -352,7 +352,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     from orchestrator.evaluation import evaluate
     from orchestrator.inputs import check_rewards_fit, held_out_reward_means, prepare, training_prompts
     from orchestrator.report import write_report
-    from policy.backend import check_dtype, check_policy_config, default_device
+    from policy.backend import check_dtype, check_policy_config, default_device, torch_threads
 
     # before anything runs: the model directory, frames, LoRA targets; dtype and attention backend in this driver
     # (it encodes prompts, calibrates and evaluates), and the dtypes of the actors that run on CPUs
@@ -367,7 +367,8 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     resume_from = _check_resumable(cfg, run_dir) if resume else None
     connect(cfg, address)
     check_fits(cfg)  # before hours of pretraining, not after
-    inputs = prepare(cfg, progress=progress)
+    with torch_threads(cfg.driver_torch_threads()):  # no actor computes yet
+        inputs = prepare(cfg, progress=progress)
     if resume_from is not None:
         _check_same_base(cfg, resume_from, inputs.base.key)
     write_resolved_config(cfg, run_dir)
@@ -384,19 +385,20 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, address: s
     e = cfg.eval
     model = inputs.base.load()
     scores, terms = {}, {}
-    for when, weights in (("before", None), ("after", final)):
-        if weights is not None:
-            model.load_trainable_state(weights)
-        res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, shift=e.shift, mode=cfg.rollout.mode,
-                       seeds_per_prompt=e.seeds_per_prompt, seed=e.seed)
-        scores[when] = res.means()
-        terms[when] = res.term_means()
-        (run_dir / "samples").mkdir(exist_ok=True)
-        np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
+    with torch_threads(cfg.driver_torch_threads()):  # the actors are gone
+        for when, weights in (("before", None), ("after", final)):
+            if weights is not None:
+                model.load_trainable_state(weights)
+            res = evaluate(model, sampler=e.sampler, eta=e.eta, steps=e.steps, shift=e.shift, mode=cfg.rollout.mode,
+                           seeds_per_prompt=e.seeds_per_prompt, seed=e.seed)
+            scores[when] = res.means()
+            terms[when] = res.term_means()
+            (run_dir / "samples").mkdir(exist_ok=True)
+            np.savez_compressed(run_dir / "samples" / f"{when}.npz", videos=res.videos, prompts=np.array(res.prompts))
+        # τ was measured on the base model's held-out rollouts; "final" is the same measurement on the trained policy
+        held_out, skipped = held_out_reward_means(cfg, inputs.reward_checkpoints, model)
     model.save(run_dir / "final")
     (run_dir / "final" / "base.json").write_text(json.dumps({"base": inputs.base.path and str(inputs.base.path), "base_key": inputs.base.key}))
-    # τ was measured on the base model's held-out rollouts; "final" is the same measurement on the trained policy
-    held_out, skipped = held_out_reward_means(cfg, inputs.reward_checkpoints, model)
     last_quarter = batch_means_from_rows(run.rollout_rows[-len(run.rollout_rows) // 4 or None:])
     summary = {
         "oracle": scores,

@@ -17,6 +17,7 @@ Wan2.1/2.2 T2V) and `wan_causal` (Self-Forcing-style causal Wan), both on the st
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -161,6 +162,17 @@ def base_model_config(model_cfg):
     if not is_wan(model_cfg):
         return model_cfg
     return model_cfg.model_copy(update={"gradient_checkpointing": False, "attention_backend": None})
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads at `n` inside the block, as they were after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_device() -> torch.device:

@@ -1,10 +1,11 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, base_checkpoint_dir, load_config
+from orchestrator.config import ConfigError, base_checkpoint_dir, load_config, usable_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,3 +222,24 @@ def test_weights_settings_reach_the_broadcast_group():
     sync = _weight_sync(cfg, SimpleNamespace(learner=None))
     assert (sync.bucket_bytes, sync.timeout_s, sync.keep) == (2 << 20, 7.0, 5)
     assert _weight_sync(load_config(None, []), SimpleNamespace(learner=None)) is None
+
+
+def test_driver_threads_come_from_the_key_then_omp_num_threads_then_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert load_config(None, []).driver_torch_threads() == usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert load_config(None, []).driver_torch_threads() == 1
+    assert load_config(None, ["driver_threads=3"]).driver_torch_threads() == 3
+    with pytest.raises(ConfigError, match="driver_threads"):
+        load_config(None, ["driver_threads=0"])
+
+
+@pytest.mark.slow
+def test_pretraining_runs_on_the_driver_threads(tmp_path):
+    small = ["model.dim=16", "model.depth=1", "data.sft_clips=32", "pretrain.steps=2", "pretrain.batch_size=2"]
+    for threads in (1, 2):
+        cache = tmp_path / f"cache{threads}"
+        done = videorl("pretrain", *small, f"driver_threads={threads}", f"cache_dir={cache}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        (record,) = cache.glob("base-*/pretrain.json")
+        assert json.loads(record.read_text())["threads"] == threads
