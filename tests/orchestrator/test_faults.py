@@ -45,8 +45,9 @@ def test_chaos_kills_actors_and_nothing_is_lost(tmp_path, ray_cluster, groups_pe
 
 
 def test_lambda_stays_continuous_when_the_controller_dies(tmp_path, ray_cluster):
-    """A strict constraint (τ 3.0 on an oracle score <= 1) keeps λ climbing by ~Ki·Δ per step; a controller that
-    restarted from scratch would drop it back to about one step's worth."""
+    """A strict constraint (τ 3.0 on an oracle score <= 1) keeps λ climbing by ~Ki·Δ per step (the P and D terms may
+    dip it a little when the reward jumps); a controller that restarted from scratch would drop it back to about one
+    step's worth."""
     (tmp_path / "profile.yaml").write_text("primary: ta\nconstraints: {vq: 3.0}\n")
     cfg = load_config(None, [*TINY, f"rewards.profile={tmp_path / 'profile.yaml'}", f"cache_dir={tmp_path / 'cache'}",
                              "train.steps=12", "chaos.kill_every_s=0.3", "chaos.roles=[controller]",
@@ -55,7 +56,9 @@ def test_lambda_stays_continuous_when_the_controller_dies(tmp_path, ray_cluster)
     m = read_metrics(tmp_path / "run")
     assert m["chaos/kills"][-1] >= 2
     lam = m["lambda/vq"]
-    assert np.all(np.diff(lam) > 0), lam
+    one_step = lam[1]  # λ after one step from 0: where a controller restarted from scratch would put it back
+    assert np.all(np.diff(lam) > -0.5 * one_step), lam  # measured: the largest dip 0.008, one step 0.069
+    assert lam[-1] > 3 * one_step, lam  # measured: 0.275 after 12 steps
 
 
 def _train_cmd(cfg_args: list[str], *extra: str) -> list[str]:
