@@ -39,7 +39,7 @@ def test_tiny_config_runs_as_a_ray_job(head_node, tmp_path):
              "rewards.models={oracle: {kind: oracle}}", f"rewards.profile={tmp_path / 'profile.yaml'}",
              "rewards.calibration.samples_per_prompt=2", "train.steps=3", "train.groups_per_step=2",
              "ray.rollout_cpus=0.2", "ray.learner_cpus=0.2", "eval.steps=3", "eval.seeds_per_prompt=1",
-             f"train.run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]
+             f"train.run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", "driver_threads=2"]
     out = submit_when_up(address, env, entry)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "succeeded" in out.stdout + out.stderr
@@ -47,6 +47,9 @@ def test_tiny_config_runs_as_a_ray_job(head_node, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["ledger"]["balanced"]
     assert (run_dir / "metrics.parquet").exists() and (run_dir / "report.html").exists()
+    # the base was pretrained on driver_threads, not on the RL loop's `threads` (1)
+    (record,) = (tmp_path / "cache").glob("base-*/pretrain.json")
+    assert json.loads(record.read_text())["threads"] == 2
 
 
 def test_submission_without_the_token_is_refused(head_node):
