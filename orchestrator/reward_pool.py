@@ -5,6 +5,9 @@ Guarantees (tested with a real cluster, killing a replica mid-batch):
 - a batch whose replica died, or that raised InfraError, is resubmitted to another live
   replica after a back-off and counted in `retried`; after `max_retries` it comes out of `ready()`
   as an InfraError result (counted in `failed`), so results already collected are never lost;
+- a replica Ray is restarting (ActorUnavailableError; Ray restarts replicas without limit) spends none of those
+  retries for `restart_wait_s`: under load a restart outlasts the back-offs (6.2 s at the defaults), and a pool
+  of one replica has nowhere else to send the batch;
 - a DataError (a bad sample, named) is never retried: it fails the same way anywhere;
 - `scale_to(n)` adds replicas that take work at once and retires surplus ones only after
   what they hold has finished;
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.failures import InfraError
 from orchestrator.completions import Completions, Occupancy
@@ -39,6 +42,7 @@ class _Job:
     attempt: int = 0
     replica: str = ""
     not_before: float = 0.0
+    restarting_since: float | None = None  # when a retry first found its replica restarting
 
 
 @dataclass
@@ -52,7 +56,8 @@ class PoolCounters:
 
 class RewardPool:
     def __init__(self, model: str, spawn: Callable[[str], "ray.actor.ActorHandle"], replicas: int = 1,
-                 max_retries: int = 5, backoff_s: float = 0.2, batch_max: int = 4, calls_per_replica: int = 2):
+                 max_retries: int = 5, backoff_s: float = 0.2, batch_max: int = 4, calls_per_replica: int = 2,
+                 restart_wait_s: float = 300.0):
         """batch_max: batches (groups) a replica may get in one call; calls_per_replica: calls a replica holds at most
         (one running, one waiting behind it, so it never idles for a driver round trip). What queues meanwhile goes
         out together as one call: at load, fewer driver calls per group (each costs the driver about as much CPU
@@ -62,7 +67,7 @@ class RewardPool:
         self.model = model
         self.spawn = spawn
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        self.backoff_s, self.restart_wait_s = backoff_s, restart_wait_s
         self.batch_max, self.calls_per_replica = batch_max, calls_per_replica
         self.replicas: dict[str, ray.actor.ActorHandle] = {}
         self.retiring: dict[str, ray.actor.ActorHandle] = {}
@@ -158,6 +163,8 @@ class RewardPool:
                 results, self.version = fut.result()
             except (RayActorError, InfraError) as e:  # the whole call: every batch in it is retried (or given up)
                 for job in jobs:
+                    if isinstance(e, ActorUnavailableError) and self._wait_for_restart(job):
+                        continue
                     if job.attempt >= self.max_retries:
                         out.append((job.batch_id, InfraError(f"batch {job.batch_id} failed {job.attempt + 1} times on {self.model}: {e}")))
                         self.counters.failed += 1
@@ -181,6 +188,17 @@ class RewardPool:
         job.not_before = time.monotonic() + self.backoff_s * 2 ** (job.attempt - 1)
         self.counters.retried += 1
         self.waiting.append(job)
+
+    def _wait_for_restart(self, job: _Job) -> bool:
+        """Retry `job` without spending an attempt while its replica has been restarting for under restart_wait_s."""
+        now = time.monotonic()
+        job.restarting_since = job.restarting_since or now
+        if now - job.restarting_since >= self.restart_wait_s:
+            return False
+        job.not_before = now + max(self.backoff_s, 0.5)
+        self.counters.retried += 1
+        self.waiting.append(job)
+        return True
 
     def drain(self, timeout: float = 60.0) -> list[tuple[str, object]]:
         """Wait for every batch in flight (including retries) and return them."""

@@ -143,6 +143,47 @@ class _ReplicaWithBadDevice(RewardWorker):
             self.scorer = _FaultyDevice(self.scorer)
 
 
+class _Restarting(RewardWorker):
+    """A real RewardWorker that answers as Ray answers for a replica it is restarting (ActorUnavailableError) for its
+    first `restart_s` seconds: what a killed replica does while its new process starts on a busy machine."""
+
+    def __init__(self, name, restart_s):
+        super().__init__(name, "oracle")
+        self.up_at = time.monotonic() + restart_s
+
+    def score_many(self, *batches):
+        if time.monotonic() < self.up_at:
+            raise ActorUnavailableError("The actor is temporarily unavailable: IOError: The actor is restarting.", None)
+        return super().score_many(*batches)
+
+
+@pytest.mark.parametrize("restart_wait_s", [300.0, 0.0])
+def test_a_replica_slower_to_restart_than_the_back_offs_spends_no_retries(ray_cluster, restart_wait_s):
+    """One replica, restarting for 4 s: longer than the pool's back-offs (5 retries, 1.55 s in all). Waiting for a
+    restarting replica spends no retry (restart_wait_s), so both batches are scored; without the wait they fail."""
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
+    spawn = lambda name: ray.remote(_Restarting).options(  # noqa: E731
+        name=name, num_cpus=0.25, max_restarts=-1, max_task_retries=0).remote(name, 4.0)
+    pool = RewardPool("slow", spawn, replicas=1, backoff_s=0.05, restart_wait_s=restart_wait_s)
+    batches = _batches(2, seed=4)
+    try:
+        for bid, b in batches.items():
+            pool.submit(bid, ray.put(b))
+        results = pool.drain(timeout=60)
+        c = pool.counters
+        if restart_wait_s:
+            _assert_each_batch_scored_once(results, batches)
+            assert (c.scored, c.failed) == (2, 0) and c.retried >= 2 * 2  # each batch waited through several tries
+        else:
+            got = _collect(results)
+            assert sorted(got) == sorted(batches) and all(isinstance(r, InfraError) for r in got.values())
+            assert (c.scored, c.failed, c.retried) == (0, 2, 2 * 5)
+    finally:
+        pool.shutdown()
+
+
 def test_a_replica_killed_holding_a_call_of_several_batches_has_each_of_them_retried(ray_cluster):
     batches = _batches(24, seed=3)
     pool = RewardPool("multi", _spawner(delay_s=0.3), replicas=2, backoff_s=0.05, batch_max=4)
