@@ -16,7 +16,8 @@
 Presets (PRESETS):
   "shapes"       PIXEL SPACE, no VAE: the transformer reads and writes RGB frames of the shapes world directly,
                  [B, 3, F, H, W] in [-1, 1] (Wan's channel-first layout; videorl's VideoDiT uses [B, T, C, H, W]),
-                 8 frames of 16x16 px, patch (1, 4, 4) -> 16 tokens per frame. 0.25 M transformer params.
+                 8 frames of 16x16 px, patch (1, 4, 4) -> 16 tokens per frame. 0.25 M transformer params. It reads
+                 two position planes beside RGB (in_channels 5, out_channels 3: policy.wan.policy.WanPolicy).
                  WanPipeline saves fine with vae=None (model_index.json records "vae": [null, null]), but
                  `WanPipeline.from_pretrained(out_dir)` then raises ValueError (it expects every component);
                  `WanPipeline.from_pretrained(out_dir, vae=None)` loads. That pipeline is a loader only: its
@@ -53,7 +54,7 @@ PRESETS = ("shapes", "tiny", "wan2.1-1.3b")
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 (UMT5's pad/eos/unk ids)
 
 _TRANSFORMER = {  # WanTransformer3DModel kwargs per preset
-    "shapes": dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
+    "shapes": dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=32, in_channels=5, out_channels=3,
                    text_dim=32, freq_dim=64, ffn_dim=128, num_layers=4, cross_attn_norm=True,
                    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
     "tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,

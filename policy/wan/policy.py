@@ -196,6 +196,11 @@ class WanPolicy(nn.Module):
     causal: the `wan_causal` streaming interface (velocity_chunk, append_to_cache, velocity_causal); a bidirectional
     `wan` policy only has `velocity`. adapter: with LoRA, the peft adapter this object evaluates and trains
     ("default"; frozen copies are views on the same transformer with their own adapter, "reference" = adapters off).
+
+    Position planes: a transformer with in_channels = out_channels + 2 reads two more input channels, the row and
+    the column of each latent pixel in [-1, 1] (channel concatenation, as Wan's image-to-video models take their
+    condition). RoPE gives attention relative positions only, so a stock Wan cannot place what it draws at an
+    absolute position of the frame; the shapes world needs that (an object asked to move left starts on the right).
     """
 
     def __init__(self, transformer, cfg: WanConfig, shape: PolicyShape, latents, prompts: PromptStates):
@@ -208,6 +213,7 @@ class WanPolicy(nn.Module):
         self._masks: dict[tuple[int, str], Tensor] = {}
         install_swaps(transformer, cfg.attention_backend)
         self.rope: FrameRope = transformer.rope
+        self.planes = position_planes(shape.height, shape.width) if transformer.config.in_channels > shape.channels else None
 
     # -- what the samplers see --
 
@@ -309,6 +315,9 @@ class WanPolicy(nn.Module):
         """x [B, F, C, h, w] -> v, same shape. timestep [B] or per token [B, L] (1000 sigma, float32)."""
         if cond.shape[0] != x.shape[0]:
             raise ValueError(f"cond has batch {cond.shape[0]}, the video has {x.shape[0]}")
+        if self.planes is not None:
+            planes = self.planes.to(x.device, x.dtype)
+            x = torch.cat([x, planes.expand(*x.shape[:2], *planes.shape)], dim=2)
         self.rope.pending = call
         try:
             with self._active_adapter(), (KeepFloat64() if self.dtype == torch.float64 else contextlib.nullcontext()):
@@ -455,6 +464,12 @@ def lora_config(cfg):
                       init_lora_weights=True)  # B = 0: a fresh adapter leaves the base model unchanged
 
 
+def position_planes(height: int, width: int) -> Tensor:
+    """[2, height, width]: each pixel's row and column, from -1 (first) to 1 (last)."""
+    rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
+    return torch.stack([rows[:, None].expand(height, width), cols[None, :].expand(height, width)])
+
+
 # --- loading ----------------------------------------------------------------------------------------------------
 
 
@@ -479,9 +494,10 @@ def policy_shape(cfg: WanConfig, tcfg: dict, codec) -> PolicyShape:
     """Latent and decoded shapes of `cfg`'s clips on this model; ValueError names a size the model cannot take."""
     st, ss = codec.temporal_scale, codec.spatial_scale
     pt, ph, pw = tcfg.get("patch_size", (1, 2, 2))
-    if tcfg.get("in_channels") != codec.channels:
-        raise ValueError(f"{cfg.path}: the transformer takes {tcfg.get('in_channels')} channels but the "
-                         f"{'VAE makes' if st > 1 else 'pixel frames have'} {codec.channels}")
+    if tcfg.get("out_channels") != codec.channels or tcfg.get("in_channels") not in (codec.channels, codec.channels + 2):
+        raise ValueError(f"{cfg.path}: the transformer takes {tcfg.get('in_channels')} channels and makes "
+                         f"{tcfg.get('out_channels')}, but the {'VAE makes' if st > 1 else 'pixel frames have'} "
+                         f"{codec.channels} (in_channels may be 2 more: position planes, see WanPolicy)")
     if (cfg.frames - 1) % st:
         raise ValueError(f"model.frames={cfg.frames}: the Wan VAE takes 4k + 1 frames (e.g. 9, 33, 81)")
     for name, size, p in (("height", cfg.height, ph), ("width", cfg.width, pw)):

@@ -99,12 +99,13 @@ def test_every_component_loads_and_matches_the_description(written, preset):
         assert len(vae.config.latents_mean) == len(vae.config.latents_std) == vae.config.z_dim == 16
         assert vae.config.latents_mean[0] == pytest.approx(-0.7571)
     else:
-        assert params == {"transformer": 248_432, "text_encoder": 21_376}
-        assert parts["transformer"].config.in_channels == parts["transformer"].config.out_channels == 3
+        assert params == {"transformer": 250_480, "text_encoder": 21_376}  # + 2 x 16 x 64 for the position planes
+        assert (parts["transformer"].config.in_channels, parts["transformer"].config.out_channels) == (5, 3)
 
 
 def test_shapes_transformer_works_in_pixel_space(written):
-    """The shapes preset reads and writes RGB clips [B, 3, F=8, 16, 16] directly (16 tokens of 4x4 px per frame)."""
+    """The shapes preset reads RGB clips and two position planes [B, 5, F=8, 16, 16] and writes RGB [B, 3, 8, 16, 16]
+    directly (16 tokens of 4x4 px per frame)."""
     from diffusers import WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -115,7 +116,7 @@ def test_shapes_transformer_works_in_pixel_space(written):
     ids = tok(["a red circle moving left quickly"], padding="max_length", max_length=8, return_tensors="pt")
     with torch.no_grad():
         text = te(ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state  # [1, 8, 32]
-        v = tr(torch.randn(1, 3, 8, 16, 16), torch.tensor([500.0]), text, return_dict=False)[0]
+        v = tr(torch.randn(1, 5, 8, 16, 16), torch.tensor([500.0]), text, return_dict=False)[0]
     assert text.shape == (1, 8, 32)
     assert v.shape == (1, 3, 8, 16, 16) and torch.isfinite(v).all()
 
@@ -140,7 +141,7 @@ def test_wan_pipeline_loads_the_pixel_space_preset_only_with_vae_none(written):
     d, _ = written["shapes"]
     assert json.loads((d / "model_index.json").read_text())["vae"] == [None, None]
     pipe = WanPipeline.from_pretrained(d, vae=None)
-    assert pipe.vae is None and pipe.transformer.config.in_channels == 3
+    assert pipe.vae is None and pipe.transformer.config.in_channels == 5
 
 
 def tensors(d):

@@ -37,6 +37,40 @@ def test_loads_a_diffusers_directory_and_reads_shapes_from_it(model_dirs):
     assert pixel.velocity(x, torch.tensor([0.5, 0.9]), cond).shape == x.shape
 
 
+def test_the_shapes_preset_reads_its_position_planes(model_dirs):
+    """in_channels 5 = RGB + the row and column planes (policy.wan.policy.position_planes); they reach the model only
+    through the patch embedding's two extra input channels, and are the same for every sample and frame."""
+    from policy.wan.policy import position_planes
+
+    planes = position_planes(3, 4)
+    assert planes.shape == (2, 3, 4)
+    assert planes[0, :, 0].tolist() == [-1.0, 0.0, 1.0] and planes[1, 0].tolist() == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+    policy = wan(model_dirs["shapes"], frames=8, height=16, width=12, chunk=2)
+    assert policy.planes.shape == (2, 16, 12)
+    x, cond = torch.randn(2, 8, 3, 16, 12), policy.encode_prompts(PROMPTS)
+    sigma = torch.tensor([0.5, 0.9])
+    with torch.no_grad():
+        v = policy.velocity(x, sigma, cond)
+        policy.planes = policy.planes.flip(-1)  # another place for every pixel: another velocity
+        assert (policy.velocity(x, sigma, cond) - v).abs().max() > 1e-3
+        policy.transformer.patch_embedding.weight[:, 3:] = 0  # planes cut off: what they hold no longer matters
+        v0 = policy.velocity(x, sigma, cond)
+        policy.planes = torch.zeros_like(policy.planes)
+        assert torch.equal(policy.velocity(x, sigma, cond), v0)
+
+
+def test_a_transformer_whose_channels_fit_neither_the_frames_nor_the_planes_is_refused(model_dirs, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "shapes4"
+    shutil.copytree(model_dirs["shapes"], d)
+    config = json.loads((d / "transformer" / "config.json").read_text())
+    (d / "transformer" / "config.json").write_text(json.dumps({**config, "in_channels": 4}))
+    with pytest.raises(ValueError, match="takes 4 channels and makes 3, but the pixel frames have 3"):
+        wan(str(d), device="meta")  # the shape check, before any weight is read
+
+
 def test_vae_round_trip_of_a_9_frame_clip(model_dirs):
     """Latents are the VAE's normalised posterior mean ((z - mean) / std, per channel, as WanPipeline); decoding undoes
     the normalisation exactly and returns the clip's 9 frames."""
