@@ -163,13 +163,12 @@ class RewardPool:
                 results, self.version = fut.result()
             except (RayActorError, InfraError) as e:  # the whole call: every batch in it is retried (or given up)
                 for job in jobs:
-                    if isinstance(e, ActorUnavailableError) and self._wait_for_restart(job):
-                        continue
-                    if job.attempt >= self.max_retries:
+                    restarting = isinstance(e, ActorUnavailableError) and self._still_restarting(job)
+                    if restarting or job.attempt < self.max_retries:
+                        self._retry(job, spend=not restarting)
+                    else:
                         out.append((job.batch_id, InfraError(f"batch {job.batch_id} failed {job.attempt + 1} times on {self.model}: {e}")))
                         self.counters.failed += 1
-                    else:
-                        self._retry(job)
                 continue
             if self.version not in self.versions:
                 self.versions.append(self.version)
@@ -183,22 +182,20 @@ class RewardPool:
         self._feed()
         return out
 
-    def _retry(self, job: _Job) -> None:
-        job.attempt += 1
-        job.not_before = time.monotonic() + self.backoff_s * 2 ** (job.attempt - 1)
+    def _retry(self, job: _Job, spend: bool = True) -> None:
+        """Back into the queue after a back-off; `spend`: counted against max_retries (else a fixed wait)."""
+        if spend:
+            job.attempt += 1
+            job.not_before = time.monotonic() + self.backoff_s * 2 ** (job.attempt - 1)
+        else:
+            job.not_before = time.monotonic() + max(self.backoff_s, 0.5)
         self.counters.retried += 1
         self.waiting.append(job)
 
-    def _wait_for_restart(self, job: _Job) -> bool:
-        """Retry `job` without spending an attempt while its replica has been restarting for under restart_wait_s."""
-        now = time.monotonic()
-        job.restarting_since = job.restarting_since or now
-        if now - job.restarting_since >= self.restart_wait_s:
-            return False
-        job.not_before = now + max(self.backoff_s, 0.5)
-        self.counters.retried += 1
-        self.waiting.append(job)
-        return True
+    def _still_restarting(self, job: _Job) -> bool:
+        """Whether `job`'s replica, found restarting, has been so for under restart_wait_s (timed from the first time)."""
+        job.restarting_since = job.restarting_since or time.monotonic()
+        return time.monotonic() - job.restarting_since < self.restart_wait_s
 
     def drain(self, timeout: float = 60.0) -> list[tuple[str, object]]:
         """Wait for every batch in flight (including retries) and return them."""
